@@ -1,0 +1,1 @@
+"""preagg-refresh: keeps Cube pre-aggregations fresh when business entities change."""

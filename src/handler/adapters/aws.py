@@ -1,0 +1,54 @@
+"""Secrets Manager and SQS adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aws_lambda_powertools.utilities import parameters
+from botocore.exceptions import BotoCoreError, ClientError
+
+from handler.domain.errors import SchedulerUnavailable
+from handler.domain.ports import TrailingMessage
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+SQS_MAX_DELAY_S = 900
+
+
+def cached_secret(arn: str, max_age_s: int = 300) -> Callable[[], str]:
+    """The Cube API secret, fetched through Powertools Parameters and cached across invocations."""
+
+    def fetch() -> str:
+        value = parameters.get_secret(arn, max_age=max_age_s)
+        if not isinstance(value, str) or not value:
+            raise RuntimeError("the Cube API secret is empty or not a string")
+        return value
+
+    return fetch
+
+
+class SqsTrailingScheduler:
+    """Trailing refreshes as delayed SQS messages. Windows over 15 minutes arrive early and are
+    re-scheduled by the receiver until their time comes."""
+
+    def __init__(self, client: SQSClient, queue_url: str) -> None:
+        self.client = client
+        self.queue_url = queue_url
+
+    def schedule(self, message: TrailingMessage, *, now: int) -> None:
+        delay = min(SQS_MAX_DELAY_S, max(0, math.ceil((message.due_at - now) / 1000)))
+        body = {
+            "kind": "trailing",
+            "tenantId": message.tenant_id,
+            "target": message.target,
+            "token": message.token,
+            "dueAt": message.due_at,
+        }
+        try:
+            self.client.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(body), DelaySeconds=delay)
+        except (ClientError, BotoCoreError) as exc:
+            raise SchedulerUnavailable(f"SQS send failed: {type(exc).__name__}") from exc

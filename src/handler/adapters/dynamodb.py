@@ -1,0 +1,227 @@
+"""The debounce store on DynamoDB: one item per key, every decision a single conditional write."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from handler.domain.errors import StoreUnavailable
+from handler.domain.model import RefreshKey
+from handler.domain.ports import KeyState, WriteResult
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+_FIELDS = {
+    "startedAt": "started_at",
+    "claimToken": "claim_token",
+    "dirtyAt": "dirty_at",
+    "pendingSince": "pending_since",
+    "trailingToken": "trailing_token",
+    "trailingState": "trailing_state",
+    "trailingDueAt": "trailing_due_at",
+    "expiresAt": "expires_at",
+}
+
+
+def _n(value: int) -> dict[str, str]:
+    return {"N": str(value)}
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def to_state(item: dict[str, Any] | None) -> KeyState | None:
+    if not item:
+        return None
+    values: dict[str, Any] = {}
+    for attr, name in _FIELDS.items():
+        raw = item.get(attr)
+        if raw is None:
+            continue
+        values[name] = int(raw["N"]) if "N" in raw else raw["S"]
+    return KeyState(**values)
+
+
+class DynamoDBDebounceStore:
+    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
+        self.client = client
+        self.table = table_name
+
+    def _update(
+        self,
+        key: RefreshKey,
+        update: str,
+        condition: str | None,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> WriteResult:
+        args: dict[str, Any] = {
+            "TableName": self.table,
+            "Key": {"pk": _s(key.pk)},
+            "UpdateExpression": update,
+            "ExpressionAttributeValues": values,
+            "ReturnValues": "ALL_OLD",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+        if condition:
+            args["ConditionExpression"] = condition
+        if names:
+            args["ExpressionAttributeNames"] = names
+        try:
+            response = self.client.update_item(**args)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise StoreUnavailable(f"DynamoDB {exc.response.get('Error', {}).get('Code')}") from exc
+            item: dict[str, Any] | None = exc.response.get("Item")  # type: ignore[assignment]
+            # Stores that ignore ReturnValuesOnConditionCheckFailure (dynalite) need a read.
+            return WriteResult(False, to_state(item) if item is not None else self.get(key))
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"DynamoDB unreachable: {type(exc).__name__}") from exc
+        return WriteResult(True, to_state(response.get("Attributes")))
+
+    def _ident(self, key: RefreshKey) -> dict[str, Any]:
+        return {":tenant": _s(key.tenant_id), ":target": _s(key.target)}
+
+    def claim(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        window_ms: int,
+        claim_token: str,
+        expires_at: int,
+        trailing_token: str | None = None,
+        force: bool = False,
+    ) -> WriteResult:
+        values = {":now": _n(now), ":claim": _s(claim_token), ":exp": _n(expires_at), **self._ident(key)}
+        condition: str | None
+        update = "SET startedAt = :now, claimToken = :claim, expiresAt = :exp, tenantId = :tenant, #t = :target"
+        window = "(attribute_not_exists(startedAt) OR startedAt <= :cutoff)"
+        if trailing_token is None:
+            condition = None
+            if not force:
+                condition = window
+                values[":cutoff"] = _n(now - window_ms)
+        else:
+            update += ", trailingToken = :tt, trailingState = :running"
+            values.update({":tt": _s(trailing_token), ":running": _s("running"), ":cutoff": _n(now - window_ms)})
+            condition = (
+                "(attribute_not_exists(trailingToken) OR trailingToken = :tt) AND " + window + " AND "
+                "((attribute_exists(dirtyAt) AND (attribute_not_exists(startedAt) OR dirtyAt >= startedAt))"
+                " OR trailingState = :running)"
+            )
+        return self._update(key, update, condition, values, {"#t": "target"})
+
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
+        values: dict[str, Any] = {":claim": _s(claim_token)}
+        sets = []
+        if previous_started_at is not None:
+            sets.append("startedAt = :prev")
+            values[":prev"] = _n(previous_started_at)
+        if trailing:
+            sets.append("trailingState = :scheduled")
+            values[":scheduled"] = _s("scheduled")
+        update = (f"SET {', '.join(sets)} " if sets else "") + "REMOVE claimToken"
+        if previous_started_at is None:
+            update += ", startedAt"
+        return self._update(key, update, "claimToken = :claim", values).ok
+
+    def join_trailing(
+        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+    ) -> WriteResult:
+        values = {
+            ":now": _n(now),
+            ":oldest": _n(oldest_event_ms),
+            ":tt": _s(trailing_token),
+            ":scheduled": _s("scheduled"),
+            ":exp": _n(expires_at),
+        }
+        result = self._update(
+            key,
+            "SET dirtyAt = :now, pendingSince = if_not_exists(pendingSince, :oldest), expiresAt = :exp",
+            "trailingToken = :tt AND trailingState = :scheduled AND (attribute_not_exists(dirtyAt) OR dirtyAt < :now)",
+            values,
+        )
+        st = result.state
+        if (
+            not result.ok
+            and st is not None
+            and st.trailing_token == trailing_token
+            and st.trailing_state == "scheduled"
+            and st.dirty_at is not None
+            and st.dirty_at >= now
+        ):
+            return WriteResult(True, st)  # a later mutation is already recorded: it covers ours
+        return result
+
+    def schedule_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        due_at: int,
+        replaces: str | None,
+        expires_at: int,
+    ) -> WriteResult:
+        values = {
+            ":now": _n(now),
+            ":oldest": _n(oldest_event_ms),
+            ":tt": _s(trailing_token),
+            ":scheduled": _s("scheduled"),
+            ":due": _n(due_at),
+            ":exp": _n(expires_at),
+            **self._ident(key),
+        }
+        pending = ":oldest" if replaces else "if_not_exists(pendingSince, :oldest)"
+        update = (
+            f"SET dirtyAt = :now, pendingSince = {pending}, trailingToken = :tt, trailingState = :scheduled,"
+            " trailingDueAt = :due, expiresAt = :exp, tenantId = :tenant, #t = :target"
+        )
+        if replaces is None:
+            condition = "attribute_not_exists(trailingToken)"
+        else:
+            condition = "trailingToken = :old AND trailingState = :running"
+            values.update({":old": _s(replaces), ":running": _s("running")})
+        return self._update(key, update, condition, values, {"#t": "target"})
+
+    def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
+        return self._update(
+            key,
+            "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
+            "trailingToken = :tt",
+            {":tt": _s(trailing_token)},
+        ).ok
+
+    def get(self, key: RefreshKey) -> KeyState | None:
+        try:
+            response = self.client.get_item(TableName=self.table, Key={"pk": _s(key.pk)}, ConsistentRead=True)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"DynamoDB read failed: {type(exc).__name__}") from exc
+        return to_state(response.get("Item"))
+
+    def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]:
+        args: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
+        if tenant_id is not None:
+            args["FilterExpression"] = "tenantId = :tenant"
+            args["ExpressionAttributeValues"] = {":tenant": _s(tenant_id)}
+        found: list[tuple[RefreshKey, KeyState]] = []
+        try:
+            for page in self.client.get_paginator("scan").paginate(**args):
+                for item in page.get("Items", []):
+                    state = to_state(item)
+                    if state is not None:
+                        found.append((RefreshKey.from_pk(item["pk"]["S"]), state))
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"DynamoDB scan failed: {type(exc).__name__}") from exc
+        return sorted(found)
+
+    def delete(self, key: RefreshKey) -> None:
+        try:
+            self.client.delete_item(TableName=self.table, Key={"pk": _s(key.pk)})
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"DynamoDB delete failed: {type(exc).__name__}") from exc

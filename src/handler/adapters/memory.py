@@ -1,0 +1,184 @@
+"""In-memory implementations of the ports, with the same conditional semantics as the DynamoDB
+adapter. Used by the local invoke, the benchmarks, unit tests and the model check; never as proof
+that the deployed system works."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from handler.domain.errors import CubeError
+from handler.domain.model import RefreshKey
+from handler.domain.ports import KeyState, TrailingMessage, WriteResult
+
+
+class InMemoryDebounceStore:
+    """Thread-safe; each method is atomic, like one DynamoDB conditional write."""
+
+    def __init__(self) -> None:
+        self.items: dict[RefreshKey, KeyState] = {}
+        self.writes = 0
+        self._lock = threading.Lock()
+
+    def claim(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        window_ms: int,
+        claim_token: str,
+        expires_at: int,
+        trailing_token: str | None = None,
+        force: bool = False,
+    ) -> WriteResult:
+        with self._lock:
+            self.writes += 1
+            old = self.items.get(key)
+            st = old or KeyState()
+            window_over = st.started_at is None or st.started_at <= now - window_ms
+            if trailing_token is None:
+                ok = force or window_over
+            else:
+                stale = st.dirty_at is not None and (st.started_at is None or st.dirty_at >= st.started_at)
+                ok = (
+                    st.trailing_token in (None, trailing_token)
+                    and window_over
+                    and (stale or st.trailing_state == "running")
+                )
+            if not ok:
+                return WriteResult(False, old)
+            new = replace(st, started_at=now, claim_token=claim_token, expires_at=expires_at)
+            if trailing_token is not None:
+                new = replace(new, trailing_token=trailing_token, trailing_state="running")
+            self.items[key] = new
+            return WriteResult(True, old)
+
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.claim_token != claim_token:
+                return False
+            new = replace(st, started_at=previous_started_at, claim_token=None)
+            if trailing:
+                new = replace(new, trailing_state="scheduled")
+            self.items[key] = new
+            return True
+
+    def join_trailing(
+        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+    ) -> WriteResult:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.trailing_token != trailing_token or st.trailing_state != "scheduled":
+                return WriteResult(False, st)
+            if st.dirty_at is not None and st.dirty_at >= now:
+                return WriteResult(True, st)  # a later mutation is already recorded: it covers ours
+            pending = st.pending_since if st.pending_since is not None else oldest_event_ms
+            self.items[key] = replace(st, dirty_at=now, pending_since=pending, expires_at=expires_at)
+            return WriteResult(True, st)
+
+    def schedule_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        due_at: int,
+        replaces: str | None,
+        expires_at: int,
+    ) -> WriteResult:
+        with self._lock:
+            self.writes += 1
+            old = self.items.get(key)
+            st = old or KeyState()
+            if replaces is None:
+                ok = st.trailing_token is None
+            else:
+                ok = st.trailing_token == replaces and st.trailing_state == "running"
+            if not ok:
+                return WriteResult(False, old)
+            pending = oldest_event_ms if replaces or st.pending_since is None else st.pending_since
+            self.items[key] = replace(
+                st,
+                dirty_at=now,
+                pending_since=pending,
+                trailing_token=trailing_token,
+                trailing_state="scheduled",
+                trailing_due_at=due_at,
+                expires_at=expires_at,
+            )
+            return WriteResult(True, old)
+
+    def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.trailing_token != trailing_token:
+                return False
+            self.items[key] = replace(
+                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None
+            )
+            return True
+
+    def get(self, key: RefreshKey) -> KeyState | None:
+        with self._lock:
+            return self.items.get(key)
+
+    def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]:
+        with self._lock:
+            return sorted((k, v) for k, v in self.items.items() if tenant_id in (None, k.tenant_id))
+
+    def delete(self, key: RefreshKey) -> None:
+        with self._lock:
+            self.items.pop(key, None)
+
+
+@dataclass
+class RecordingScheduler:
+    """Keeps scheduled trailing messages; `due(now)` hands back the ones whose time has come."""
+
+    messages: list[TrailingMessage] = field(default_factory=list)
+
+    def schedule(self, message: TrailingMessage, *, now: int) -> None:
+        self.messages.append(message)
+
+    def due(self, now: int) -> list[TrailingMessage]:
+        ready = [m for m in self.messages if m.due_at <= now]
+        self.messages = [m for m in self.messages if m.due_at > now]
+        return ready
+
+
+@dataclass
+class RecordingCube:
+    """Answers like Cube's jobs API: one token per selector target; can be told to fail."""
+
+    requests: list[tuple[str, list[dict[str, object]]]] = field(default_factory=list)
+    failures: list[CubeError] = field(default_factory=list)
+
+    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
+        self.requests.append((tenant_id, [dict(s) for s in selectors]))
+        if self.failures:
+            raise self.failures.pop(0)
+        tokens: list[str] = []
+        for selector in selectors:
+            names = selector.get("cubes") or selector.get("preAggregations") or []
+            assert isinstance(names, list)
+            tokens.extend(f"job-{tenant_id}-{name}-{len(self.requests)}" for name in names)
+        return tokens
+
+
+@dataclass
+class CountingTelemetry:
+    counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+    def count(self, name: str, value: int = 1, dimension: tuple[str, str] | None = None) -> None:
+        label = name if dimension is None else f"{name}[{dimension[0]}={dimension[1]}]"
+        self.counts[label] = self.counts.get(label, 0) + value
+
+    def timing(self, name: str, ms: float) -> None:
+        self.timings.setdefault(name, []).append(ms)

@@ -1,0 +1,141 @@
+"""Lambda entry point: MSK batches, trailing refreshes from SQS, and direct-invoke operations.
+
+Thin on purpose: decode, one call into the domain, shape the answer. Everything else lives in
+`handler.domain` (rules) and `handler.adapters` (AWS and HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from handler.domain.decode import MalformedEvent, decode_msk_event, decode_trailing_message, iter_msk_records
+from handler.domain.model import RecordRef
+from handler.domain.ports import TrailingMessage
+from handler.domain.service import Outcome, RefreshService
+from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
+from handler.operations import OperationError, run_operation
+from handler.settings import Settings, load_settings
+from handler.wiring import build_service, now_ms
+
+# Milliseconds kept back from the Lambda deadline for releasing claims and answering.
+DEADLINE_RESERVE_MS = 2_000
+LOCAL_DEADLINE_MS = 60_000
+
+SETTINGS: Settings = load_settings()  # cold start: a bad variable fails here, named
+telemetry = PowertoolsTelemetry()
+
+
+@lru_cache(maxsize=1)
+def _service() -> RefreshService:
+    return build_service(SETTINGS, telemetry)
+
+
+def _deadline(context: LambdaContext | None) -> int:
+    if context is None:
+        return now_ms() + LOCAL_DEADLINE_MS
+    return now_ms() + max(0, context.get_remaining_time_in_millis() - DEADLINE_RESERVE_MS)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    try:
+        return handle(event, context)
+    finally:
+        telemetry.flush_dimensioned()
+
+
+def handle(
+    event: Mapping[str, Any],
+    context: LambdaContext | None = None,
+    *,
+    service: RefreshService | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Route one invocation. `service` and `settings` are injectable for tests and local runs."""
+    settings = settings or SETTINGS
+    if event.get("eventSource") in ("aws:kafka", "SelfManagedKafka"):
+        return handle_msk(event, context, service, settings)
+    records = event.get("Records")
+    if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":
+        return handle_trailing(records, context, service, settings)
+    if "operation" in event:
+        try:
+            return run_operation(event, service or _service(), settings, deadline_ms=_deadline(context))
+        except OperationError as exc:
+            logger.warning("operation rejected", extra={"error": str(exc)})
+            return {"ok": False, "error": str(exc)}
+    raise MalformedEvent("unrecognised event: expected an MSK batch, SQS trailing refreshes or an operation")
+
+
+def handle_msk(
+    event: Mapping[str, Any], context: LambdaContext | None, service: RefreshService | None, settings: Settings
+) -> dict[str, Any]:
+    if not settings.enabled:
+        count = sum(1 for _ in iter_msk_records(event))
+        telemetry.count("EventsReceived", count)
+        telemetry.count("DisabledAcks", count)
+        logger.info("refresh disabled: acknowledging batch", extra={"records": count})
+        return {"batchItemFailures": []}
+
+    batch = decode_msk_event(event)
+    telemetry.count("EventsReceived", batch.total)
+    for bad in batch.invalid:
+        logger.warning(
+            "invalid record",
+            extra={
+                "partition": bad.ref.partition,
+                "offset": bad.ref.offset,
+                "reason": bad.reason,
+                "detail": bad.detail,
+            },
+        )
+    if batch.invalid:
+        telemetry.count("InvalidEvents", len(batch.invalid))
+    outcome = (service or _service()).process_mutations(batch.mutations, deadline_ms=_deadline(context))
+    failed = outcome.failed | {bad.ref for bad in batch.invalid}
+    _log_outcome(outcome, batch.total, len(failed))
+    if failed:
+        telemetry.count("RecordsFailed", len(failed))
+    ordered = sorted(failed, key=lambda r: (r.partition, r.offset))
+    return {"batchItemFailures": [ref.as_failure() for ref in ordered]}
+
+
+def handle_trailing(
+    records: list[Mapping[str, Any]], context: LambdaContext | None, service: RefreshService | None, settings: Settings
+) -> dict[str, Any]:
+    if not settings.enabled:
+        telemetry.count("DisabledAcks", len(records))
+        return {"batchItemFailures": []}
+    ids: dict[RecordRef, str] = {}
+    messages: list[tuple[RecordRef, TrailingMessage]] = []
+    failed: set[RecordRef] = set()
+    for index, record in enumerate(records):
+        ref = RecordRef("sqs", index)
+        ids[ref] = str(record.get("messageId"))
+        try:
+            messages.append((ref, decode_trailing_message(record.get("body", ""))))
+        except ValueError as exc:
+            logger.warning("invalid trailing message", extra={"message_id": ids[ref], "error": str(exc)})
+            failed.add(ref)
+    outcome = (service or _service()).process_trailing(messages, deadline_ms=_deadline(context))
+    failed |= outcome.failed
+    _log_outcome(outcome, len(records), len(failed))
+    return {"batchItemFailures": [{"itemIdentifier": ids[ref]} for ref in sorted(failed, key=lambda r: r.offset)]}
+
+
+def _log_outcome(outcome: Outcome, records: int, failed: int) -> None:
+    logger.info(
+        "batch handled",
+        extra={
+            "records": records,
+            "records_failed": failed,
+            "keys_refreshed": len(outcome.by_status("refreshed")),
+            "keys_debounced": len(outcome.by_status("debounced")),
+            "keys_failed": len(outcome.by_status("failed")),
+        },
+    )

@@ -1,0 +1,105 @@
+"""Decoding MSK records into mutations, one record at a time so one bad record cannot sink a batch."""
+
+from __future__ import annotations
+
+import binascii
+import json
+from base64 import b64decode
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from handler.domain.model import EntityMutation, InvalidRecord, RecordRef, is_valid_target, is_valid_tenant
+from handler.domain.ports import TrailingMessage
+
+
+class MalformedEvent(ValueError):
+    """The event itself (not one record) is not an MSK batch: nothing can be acknowledged."""
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    mutations: list[tuple[RecordRef, EntityMutation]] = field(default_factory=list)
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.mutations) + len(self.invalid)
+
+
+def iter_msk_records(event: Mapping[str, Any]) -> Iterator[tuple[RecordRef, Any]]:
+    """Yield (ref, raw value) for every record. The ref names the record in a partial batch response."""
+    groups = event.get("records")
+    if not isinstance(groups, Mapping):
+        raise MalformedEvent("event has no 'records' object: not an MSK event")
+    for group_key, records in groups.items():
+        if not isinstance(records, list):
+            raise MalformedEvent(f"records[{group_key!r}] is not a list")
+        for record in records:
+            if not isinstance(record, Mapping):
+                raise MalformedEvent(f"a record under {group_key!r} is not an object")
+            topic, partition, offset = record.get("topic"), record.get("partition"), record.get("offset")
+            if not isinstance(partition, int) or not isinstance(offset, int) or isinstance(offset, bool):
+                raise MalformedEvent(f"a record under {group_key!r} has no integer partition/offset")
+            name = f"{topic}-{partition}" if isinstance(topic, str) else str(group_key)
+            yield RecordRef(name, offset), record.get("value")
+
+
+def _summarise(exc: ValidationError) -> str:
+    # Field locations and messages only: input values may carry personal data.
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_value(ref: RecordRef, value: Any) -> EntityMutation | InvalidRecord:
+    if value is None:
+        return InvalidRecord(ref, "null_value", "record value is null (tombstone?)")
+    if not isinstance(value, str):
+        return InvalidRecord(ref, "bad_base64", "record value is not a base64 string")
+    try:
+        raw = b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return InvalidRecord(ref, "bad_base64", "record value is not valid base64")
+    try:
+        return EntityMutation.model_validate_json(raw)
+    except ValidationError as exc:
+        kinds = {e["type"] for e in exc.errors()}
+        if "json_invalid" in kinds:
+            return InvalidRecord(ref, "not_json", "record value is not JSON")
+        if "model_type" in kinds:
+            return InvalidRecord(ref, "not_object", "record value is JSON but not an object")
+        return InvalidRecord(ref, "invalid_fields", _summarise(exc))
+
+
+def decode_msk_event(event: Mapping[str, Any]) -> DecodedBatch:
+    batch = DecodedBatch()
+    for ref, value in iter_msk_records(event):
+        decoded = decode_value(ref, value)
+        if isinstance(decoded, InvalidRecord):
+            batch.invalid.append(decoded)
+        else:
+            batch.mutations.append((ref, decoded))
+    return batch
+
+
+def decode_trailing_message(body: str) -> TrailingMessage:
+    """Parse a trailing-refresh message body; raises ValueError with a safe description."""
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("trailing message body is not JSON") from exc
+    if not isinstance(data, dict) or data.get("kind") != "trailing":
+        raise ValueError("not a trailing-refresh message")
+    tenant, target, token, due = data.get("tenantId"), data.get("target"), data.get("token"), data.get("dueAt")
+    if not (isinstance(tenant, str) and is_valid_tenant(tenant)):
+        raise ValueError("trailing message has an invalid tenantId")
+    if not (isinstance(target, str) and is_valid_target(target)):
+        raise ValueError("trailing message has an invalid target")
+    if not (isinstance(token, str) and token) or not isinstance(due, int) or isinstance(due, bool):
+        raise ValueError("trailing message lacks token or dueAt")
+    return TrailingMessage(tenant, target, token, due)

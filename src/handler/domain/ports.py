@@ -1,0 +1,125 @@
+"""Ports the domain owns. Adapters implement them with boto3 and httpx; tests with in-memory fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from handler.domain.model import RefreshKey
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """What the debounce store holds for one key (see docs/architecture.md)."""
+
+    started_at: int | None = None
+    claim_token: str | None = None
+    dirty_at: int | None = None
+    pending_since: int | None = None
+    trailing_token: str | None = None
+    trailing_state: str | None = None  # "scheduled" | "running"
+    trailing_due_at: int | None = None
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of a conditional write: `ok`, and the item as it was (before a success, or as it
+    blocked a failure). `state` is None when the item did not exist."""
+
+    ok: bool
+    state: KeyState | None
+
+
+class DebounceStore(Protocol):
+    """Conditional writes on one item per key. Every method is a single atomic conditional write
+    (or a read): the conditions are what make the debounce global across invocations."""
+
+    def claim(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        window_ms: int,
+        claim_token: str,
+        expires_at: int,
+        trailing_token: str | None = None,
+        force: bool = False,
+    ) -> WriteResult:
+        """Leading claim (trailing_token None): succeeds when no refresh started within the window
+        (or force). Sets startedAt=now, claimToken. Trailing claim: additionally requires
+        trailingToken to be absent or equal, and the key to be stale (dirtyAt >= startedAt) or a
+        previous trailing attempt to have died (trailingState = running); sets trailingState=running."""
+        ...
+
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
+        """Undo a claim whose refresh failed: restore startedAt, drop claimToken (trailing: state back
+        to scheduled). Only if claimToken still equals ours."""
+        ...
+
+    def join_trailing(
+        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+    ) -> WriteResult:
+        """Record a debounced mutation on a trailing refresh that is scheduled and not yet running."""
+        ...
+
+    def schedule_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        due_at: int,
+        replaces: str | None,
+        expires_at: int,
+    ) -> WriteResult:
+        """Record a debounced mutation and a new trailing refresh: when none exists (replaces None),
+        or in place of one that is already running (replaces = its token)."""
+        ...
+
+    def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
+        """Forget a trailing refresh that ran (or had nothing to do)."""
+        ...
+
+    def get(self, key: RefreshKey) -> KeyState | None: ...
+
+    def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]: ...
+
+    def delete(self, key: RefreshKey) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrailingMessage:
+    tenant_id: str
+    target: str
+    token: str
+    due_at: int
+
+    @property
+    def key(self) -> RefreshKey:
+        return RefreshKey(self.tenant_id, self.target)
+
+
+class TrailingScheduler(Protocol):
+    def schedule(self, message: TrailingMessage, *, now: int) -> None:
+        """Deliver `message` back to the function at or after message.due_at (early is allowed:
+        the receiver re-schedules)."""
+        ...
+
+
+class CubeJobs(Protocol):
+    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
+        """Queue pre-aggregation builds for one tenant; returns Cube's job tokens. Raises CubeError."""
+        ...
+
+
+class Telemetry(Protocol):
+    def count(self, name: str, value: int = 1, dimension: tuple[str, str] | None = None) -> None: ...
+
+    def timing(self, name: str, ms: float) -> None: ...

@@ -1,0 +1,77 @@
+"""The one settings object, read from the environment and validated once at cold start."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from handler.domain.routing import EntityCubeMap
+
+
+class ConfigurationError(RuntimeError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True, arbitrary_types_allowed=True)
+
+    enabled: bool = Field(True, validation_alias="CUBE_PREAGG_ENABLED")
+    debounce_ms: int = Field(30_000, ge=0, le=86_400_000, validation_alias="CUBE_PREAGG_DEBOUNCE_MS")
+    timeout_ms: int = Field(30_000, gt=0, le=900_000, validation_alias="CUBE_PREAGG_TIMEOUT_MS")
+    retry_attempts: int = Field(3, ge=0, le=10, validation_alias="CUBE_PREAGG_RETRY_ATTEMPTS")
+    cube_api_url: str = Field(validation_alias="CUBE_API_URL")
+    cube_api_secret_arn: str = Field(min_length=1, validation_alias="CUBE_API_SECRET_ARN")
+    debounce_table_name: str = Field(min_length=1, validation_alias="DEBOUNCE_TABLE_NAME")
+    refresh_queue_url: str = Field(min_length=1, validation_alias="REFRESH_QUEUE_URL")
+    entity_cube_map: Annotated[EntityCubeMap, NoDecode] = Field(
+        default_factory=EntityCubeMap, validation_alias="ENTITY_CUBE_MAP"
+    )
+    cube_timezones: Annotated[tuple[str, ...], NoDecode] = Field(("UTC",), validation_alias="CUBE_TIMEZONES")
+
+    @field_validator("cube_api_url")
+    @classmethod
+    def _cube_url(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("https://", "http://")) or not value.endswith("/cubejs-api"):
+            raise ValueError("must be an http(s) URL ending in /cubejs-api")
+        return value
+
+    @field_validator("entity_cube_map", mode="before")
+    @classmethod
+    def _map(cls, value: Any) -> EntityCubeMap:
+        if isinstance(value, EntityCubeMap):
+            return value
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return EntityCubeMap()
+        try:
+            data = json.loads(value) if isinstance(value, str) else value
+        except ValueError as exc:
+            raise ValueError("must be a JSON object of entity type -> list of cube names") from exc
+        if not isinstance(data, dict):
+            raise ValueError("must be a JSON object of entity type -> list of cube names")
+        return EntityCubeMap(data)
+
+    @field_validator("cube_timezones", mode="before")
+    @classmethod
+    def _timezones(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        zones = tuple(z.strip() for z in items if z.strip())
+        if not zones or any(
+            not z.replace("/", "").replace("_", "").replace("-", "").replace("+", "").isalnum() for z in zones
+        ):
+            raise ValueError("must be a comma list of IANA time zone names")
+        return zones
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
