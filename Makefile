@@ -1,0 +1,59 @@
+# Every target CI needs is here; `.ci/run` calls `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export PYTHONPATH := src:.
+EVENT ?= events/burst-3-tenants.json
+
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench \
+        stack-start stack-stop stack-status clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+.venv/.installed: requirements-dev.txt src/requirements.txt pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+venv: .venv/.installed ## create .venv with everything the tests and tools need
+
+lint: venv ## ruff (lint + format check) on all Python
+	.venv/bin/ruff check src tests bench devstack
+	.venv/bin/ruff format --check src tests bench devstack
+
+typecheck: venv ## mypy --strict on the Lambda code and the dev stack
+	.venv/bin/mypy --strict src/handler devstack
+
+template: ## sam validate (both modes), sam build without Docker, checkov
+	scripts/check-template.sh
+
+test-unit: venv ## unit, adapter (moto) and functional tests, the model check: no network
+	$(PY) -m pytest tests/unit
+
+test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, started by the fixtures
+	$(PY) -m pytest tests/integration
+
+test: lint typecheck template test-unit test-integration ## everything CI runs
+
+invoke: venv ## run the handler on EVENT with in-memory stand-ins (no Docker, no servers)
+	$(PY) -m handler.local invoke $(EVENT)
+
+demo: venv ## start the local stack, play the sample events through the handler, tell the story
+	$(PY) -m devstack.demo
+
+bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
+	$(PY) bench/bench_handler.py
+	$(PY) bench/bench_cold_import.py
+
+stack-start: venv ## start PostgreSQL, Cube, dynalite and moto server (idempotent)
+	$(PY) -m devstack start
+
+stack-stop: ## stop the local stack
+	$(PY) -m devstack stop
+
+stack-status: ## show each local service
+	$(PY) -m devstack status
+
+clean: ## remove build output and caches (keeps venvs and the stack)
+	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,67 @@
+"""Shared builders for tests: mutations, MSK events, a fake clock and a service over in-memory fakes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore, RecordingCube, RecordingScheduler
+from handler.domain.debounce import Debouncer
+from handler.domain.routing import EntityCubeMap
+from handler.domain.service import RefreshService
+from handler.local import build_msk_event
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "events"
+T0 = 1_795_953_600_000
+
+
+def mutation(tenant: str = "tenant-1", entity_type: str = "User", entity_id: str = "user-1",
+             timestamp: int | str = T0, **extra: Any) -> dict[str, Any]:
+    return {"eventType": "ENTITY_UPDATED", "entityType": entity_type, "entityId": entity_id,
+            "tenantId": tenant, "timestamp": timestamp, **extra}
+
+
+def msk_event(*values: Any, partitions: int = 2) -> dict[str, Any]:
+    return build_msk_event(list(values), partitions=partitions)
+
+
+def load_event(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((EVENTS / name).read_text())
+    return data
+
+
+@dataclass
+class FakeClock:
+    now: int = T0
+
+    def now_ms(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@dataclass
+class Rig:
+    """A RefreshService over in-memory fakes, with handles on each fake."""
+
+    clock: FakeClock = field(default_factory=FakeClock)
+    store: InMemoryDebounceStore = field(default_factory=InMemoryDebounceStore)
+    scheduler: RecordingScheduler = field(default_factory=RecordingScheduler)
+    cube: RecordingCube = field(default_factory=RecordingCube)
+    telemetry: CountingTelemetry = field(default_factory=CountingTelemetry)
+    window_ms: int = 30_000
+    routes: EntityCubeMap = field(default_factory=EntityCubeMap)
+    timezones: tuple[str, ...] = ("UTC",)
+
+    def __post_init__(self) -> None:
+        self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms)
+        self.service = RefreshService(self.routes, self.debouncer, self.cube, self.telemetry, self.clock,
+                                      self.timezones)
+
+    @property
+    def deadline(self) -> int:
+        return self.clock.now + 60_000

@@ -1,0 +1,123 @@
+"""The Cube jobs adapter against an httpx mock transport: body, JWT, retries, 4xx."""
+
+import json
+
+import httpx
+import jwt
+import pytest
+
+from handler.adapters.cube import CubeJobsClient
+from handler.domain.errors import CubeRejected, CubeServerError, CubeTimeout, CubeUnreachable
+from handler.domain.routing import build_selectors
+
+SECRET = "local-test-secret-that-is-32-bytes-long"
+NOW = 1_795_953_600_000
+
+
+class Server:
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def client(server: Server, *, retries=3, sleeps=None, now=lambda: NOW) -> CubeJobsClient:
+    return CubeJobsClient(
+        "http://cube.test/cubejs-api/", lambda: SECRET, timeout_ms=1_000, retries=retries,
+        http=httpx.Client(transport=httpx.MockTransport(server)),
+        sleep=(sleeps.append if sleeps is not None else lambda s: None), now_ms=now,
+    )
+
+
+def ok(tokens=("tok-1",)):
+    return httpx.Response(200, json=list(tokens))
+
+
+def test_cube_client_posts_the_job_request_with_the_tenant_context():
+    server = Server(ok(["a", "b"]))
+    tokens = client(server).trigger("tenant-1", build_selectors(["Users"], "tenant-1", ["UTC"]),
+                                    deadline_ms=NOW + 60_000)
+    assert tokens == ["a", "b"]
+    (request,) = server.requests
+    assert request.method == "POST"
+    assert str(request.url) == "http://cube.test/cubejs-api/v1/pre-aggregations/jobs"
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.content) == {
+        "action": "post",
+        "selector": {"contexts": [{"securityContext": {"tenantId": "tenant-1"}}], "timezones": ["UTC"],
+                     "cubes": ["Users"]},
+    }
+
+
+def test_cube_client_signs_a_short_lived_tenant_token_with_the_jobs_scope():
+    server = Server(ok())
+    client(server, now=lambda: NOW).trigger("tenant-1", [{"cubes": ["Users"]}], deadline_ms=NOW + 60_000)
+    token = server.requests[0].headers["authorization"].removeprefix("Bearer ")
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    assert claims["tenantId"] == "tenant-1"
+    assert claims["scopes"] == ["jobs"]
+    assert 0 < claims["exp"] - NOW // 1000 <= 300
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, "another-secret-also-32-bytes-long!!", algorithms=["HS256"], options={"verify_exp": False})
+
+
+def test_cube_client_retries_a_500_then_succeeds():
+    sleeps: list[float] = []
+    server = Server(httpx.Response(500, json={"error": "boom"}), ok())
+    assert client(server, sleeps=sleeps).trigger("t", [{}], deadline_ms=NOW + 60_000) == ["tok-1"]
+    assert len(server.requests) == 2
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.2
+
+
+def test_cube_client_does_not_retry_a_4xx_and_keeps_cube_error_text():
+    server = Server(httpx.Response(403, json={"error": "API scope is missing: jobs"}))
+    with pytest.raises(CubeRejected, match="403.*API scope is missing: jobs") as info:
+        client(server).trigger("t", [{}], deadline_ms=NOW + 60_000)
+    assert info.value.status == 403
+    assert len(server.requests) == 1
+
+
+def test_cube_client_gives_up_after_the_configured_retries():
+    server = Server(*[httpx.ConnectError("refused")] * 4)
+    with pytest.raises(CubeUnreachable):
+        client(server, retries=3).trigger("t", [{}], deadline_ms=NOW + 60_000)
+    assert len(server.requests) == 4
+
+
+def test_cube_client_retries_timeouts_and_reports_them_as_timeouts():
+    server = Server(httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow"))
+    with pytest.raises(CubeTimeout):
+        client(server, retries=1).trigger("t", [{}], deadline_ms=NOW + 60_000)
+    assert len(server.requests) == 2
+
+
+def test_cube_client_never_retries_past_the_deadline():
+    clock = [NOW]
+
+    def now():
+        return clock[0]
+
+    def sleep(seconds):
+        clock[0] += int(seconds * 1000)
+
+    server = Server(*[httpx.Response(503, text="unavailable")] * 10)
+    c = CubeJobsClient("http://cube.test/cubejs-api", lambda: SECRET, timeout_ms=1_000, retries=10,
+                       backoff_ms=10_000, http=httpx.Client(transport=httpx.MockTransport(server)),
+                       sleep=sleep, now_ms=now)
+    with pytest.raises(CubeServerError):
+        c.trigger("t", [{}], deadline_ms=NOW + 5_000)
+    assert clock[0] <= NOW + 5_000
+    assert len(server.requests) < 10
+
+
+def test_cube_client_with_no_time_left_does_not_call():
+    server = Server()
+    with pytest.raises(CubeTimeout):
+        client(server).trigger("t", [{}], deadline_ms=NOW - 1)
+    assert server.requests == []

@@ -1,0 +1,137 @@
+"""One contract, two stores: the DynamoDB adapter (on moto, table built from template.yaml) and the
+in-memory store must agree on every conditional write. (Atomicity under concurrency is proven on
+dynalite in tests/integration: moto has no lock around conditional updates.)"""
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from devstack.template import debounce_table_spec
+from handler.adapters.dynamodb import DynamoDBDebounceStore
+from handler.adapters.memory import InMemoryDebounceStore
+from handler.domain.errors import StoreUnavailable
+from handler.domain.model import RefreshKey
+from tests.builders import ROOT, T0
+
+KEY = RefreshKey("tenant-1", "Users")
+W = 30_000
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def store(request):
+    if request.param == "memory":
+        yield InMemoryDebounceStore()
+        return
+    spec = debounce_table_spec(ROOT / "template.yaml")
+    assert spec.source != "docs/architecture.md", "the test table must come from template.yaml"
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name="us-east-1")
+        client.create_table(TableName="debounce", KeySchema=spec.key_schema,
+                            AttributeDefinitions=spec.attribute_definitions, BillingMode="PAY_PER_REQUEST")
+        yield DynamoDBDebounceStore(client, "debounce")
+
+
+def claim(store, now, token="c1", **kw):
+    return store.claim(KEY, now=now, window_ms=W, claim_token=token, expires_at=now // 1000 + 100, **kw)
+
+
+def test_store_claim_is_refused_inside_the_window_and_returns_the_blocking_state(store):
+    assert claim(store, T0).ok
+    blocked = claim(store, T0 + W - 1, token="c2")
+    assert not blocked.ok
+    assert blocked.state.started_at == T0 and blocked.state.claim_token == "c1"
+    assert claim(store, T0 + W, token="c3").ok
+
+
+def test_store_successful_claim_returns_the_previous_state(store):
+    claim(store, T0)
+    again = claim(store, T0 + W, token="c2")
+    assert again.ok and again.state.started_at == T0
+
+
+def test_store_force_claim_ignores_the_window(store):
+    claim(store, T0)
+    assert claim(store, T0 + 1, token="c2", force=True).ok
+
+
+def test_store_release_needs_the_claim_token_and_restores_the_start(store):
+    claim(store, T0)
+    claim(store, T0 + W, token="c2")
+    assert not store.release(KEY, claim_token="other", previous_started_at=T0, trailing=False)
+    assert store.release(KEY, claim_token="c2", previous_started_at=T0, trailing=False)
+    state = store.get(KEY)
+    assert state.started_at == T0 and state.claim_token is None
+
+
+def test_store_release_of_a_first_claim_leaves_no_window(store):
+    claim(store, T0)
+    assert store.release(KEY, claim_token="c1", previous_started_at=None, trailing=False)
+    assert store.get(KEY).started_at is None
+    assert claim(store, T0 + 1, token="c2").ok
+
+
+def test_store_schedule_then_join_then_trailing_claim(store):
+    claim(store, T0)
+    sched = store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0 + 5, trailing_token="t1",
+                                    due_at=T0 + W, replaces=None, expires_at=1)
+    assert sched.ok
+    assert not store.schedule_trailing(KEY, now=T0 + 11, oldest_event_ms=T0, trailing_token="t2",
+                                       due_at=T0 + W, replaces=None, expires_at=1).ok
+    assert store.join_trailing(KEY, now=T0 + 20, oldest_event_ms=T0 + 1, trailing_token="t1", expires_at=1).ok
+    assert not store.join_trailing(KEY, now=T0 + 21, oldest_event_ms=T0, trailing_token="nope", expires_at=1).ok
+    state = store.get(KEY)
+    assert (state.dirty_at, state.pending_since, state.trailing_state) == (T0 + 20, T0 + 5, "scheduled")
+    # too early for the trailing claim, then on time
+    assert not claim(store, T0 + W - 1, token="c2", trailing_token="t1").ok
+    running = claim(store, T0 + W, token="c2", trailing_token="t1")
+    assert running.ok and store.get(KEY).trailing_state == "running"
+    # a join on a running trailing refresh is refused; a replacement is accepted
+    assert not store.join_trailing(KEY, now=T0 + W + 1, oldest_event_ms=T0, trailing_token="t1", expires_at=1).ok
+    assert store.schedule_trailing(KEY, now=T0 + W + 2, oldest_event_ms=T0 + W + 2, trailing_token="t2",
+                                   due_at=T0 + 2 * W, replaces="t1", expires_at=1).ok
+    assert not store.finish_trailing(KEY, trailing_token="t1")
+    assert store.get(KEY).trailing_token == "t2"
+
+
+def test_store_trailing_claim_needs_a_stale_key(store):
+    claim(store, T0)
+    store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
+                            replaces=None, expires_at=1)
+    claim(store, T0 + W, token="lead")  # a leading refresh after the mutation: the key is no longer stale
+    assert not claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
+    assert store.finish_trailing(KEY, trailing_token="t1")
+    assert store.get(KEY).trailing_token is None
+
+
+def test_store_trailing_claim_that_died_running_can_be_taken_again(store):
+    claim(store, T0)
+    store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
+                            replaces=None, expires_at=1)
+    assert claim(store, T0 + W, token="c2", trailing_token="t1").ok
+    assert claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
+
+
+def test_store_join_with_an_older_time_keeps_the_newer_mark(store):
+    claim(store, T0)
+    store.schedule_trailing(KEY, now=T0 + 50, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
+                            replaces=None, expires_at=1)
+    assert store.join_trailing(KEY, now=T0 + 40, oldest_event_ms=T0, trailing_token="t1", expires_at=1).ok
+    assert store.get(KEY).dirty_at == T0 + 50
+
+
+def test_store_scan_filters_by_tenant_and_delete_forgets(store):
+    claim(store, T0)
+    other = RefreshKey("tenant-2", "Groups")
+    store.claim(other, now=T0, window_ms=W, claim_token="x", expires_at=1)
+    assert [k for k, _ in store.scan()] == [KEY, other]
+    assert [k for k, _ in store.scan("tenant-2")] == [other]
+    store.delete(other)
+    assert store.get(other) is None
+
+
+def test_dynamodb_store_turns_service_errors_into_store_unavailable():
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name="us-east-1")
+        store = DynamoDBDebounceStore(client, "no-such-table")
+        with pytest.raises(StoreUnavailable, match="ResourceNotFoundException"):
+            claim(store, T0)
