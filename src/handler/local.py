@@ -107,9 +107,11 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
     with open(path, encoding="utf-8") as fh:
         event = json.load(fh)
     if use_stack:
-        from devstack import read_env  # noqa: PLC0415 (dev-only dependency)
+        from devstack import Stack  # noqa: PLC0415 (dev-only dependency, not in the Lambda package)
 
-        os.environ.update(read_env())
+        stack_env = Stack().env().as_environ()
+        # The function reads its secret from Secrets Manager; the raw value stays out of its env.
+        os.environ.update({k: v for k, v in stack_env.items() if k not in {"CUBE_API_SECRET", "PG_DSN"}})
     for name, value in LOCAL_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
