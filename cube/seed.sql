@@ -1,0 +1,60 @@
+-- Sample source data for the local Cube (devstack). Re-runnable: drops and recreates the tables.
+-- Timestamps are relative to now(), so the monthly partitions of Users.dailyStatusCounts always
+-- cover the current month and a few before it.
+DROP TABLE IF EXISTS users, groups, tenants;
+
+CREATE TABLE tenants (
+    id         text PRIMARY KEY,
+    name       text NOT NULL,
+    created_at timestamp NOT NULL
+);
+
+CREATE TABLE users (
+    id         text PRIMARY KEY,
+    tenant_id  text NOT NULL REFERENCES tenants (id),
+    status     text NOT NULL,
+    created_at timestamp NOT NULL
+);
+CREATE INDEX users_tenant_created ON users (tenant_id, created_at);
+
+CREATE TABLE groups (
+    id         text PRIMARY KEY,
+    tenant_id  text NOT NULL REFERENCES tenants (id),
+    name       text NOT NULL,
+    created_at timestamp NOT NULL
+);
+CREATE INDEX groups_tenant ON groups (tenant_id);
+
+INSERT INTO tenants (id, name, created_at) VALUES
+    ('tenant-a', 'Tenant A', date_trunc('second', now()::timestamp) - interval '120 days'),
+    ('tenant-b', 'Tenant B', date_trunc('second', now()::timestamp) - interval '110 days'),
+    ('tenant-1', 'Tenant One', date_trunc('second', now()::timestamp) - interval '100 days'),
+    ('tenant-2', 'Tenant Two', date_trunc('second', now()::timestamp) - interval '100 days'),
+    ('tenant-3', 'Tenant Three', date_trunc('second', now()::timestamp) - interval '100 days');
+
+-- users per tenant: tenant-a 60, tenant-b 40, tenant-1..3 20 each; spread over the last ~100 days
+-- (newest a few hours old); status cycles active, active, inactive, pending.
+INSERT INTO users (id, tenant_id, status, created_at)
+SELECT
+    t.id || '-user-' || lpad(n::text, 3, '0'),
+    t.id,
+    (ARRAY['active', 'active', 'inactive', 'pending'])[1 + n % 4],
+    date_trunc('second', now()::timestamp) - interval '3 hours'
+        - (n - 1) * (interval '100 days' / t.user_count)
+FROM (VALUES ('tenant-a', 60), ('tenant-b', 40), ('tenant-1', 20), ('tenant-2', 20), ('tenant-3', 20))
+    AS t (id, user_count)
+CROSS JOIN LATERAL generate_series(1, t.user_count) AS n;
+
+INSERT INTO groups (id, tenant_id, name, created_at)
+SELECT
+    t.id || '-group-' || n,
+    t.id,
+    'Group ' || n,
+    date_trunc('second', now()::timestamp) - n * interval '9 days'
+FROM (VALUES ('tenant-a', 6), ('tenant-b', 4), ('tenant-1', 2), ('tenant-2', 2), ('tenant-3', 2))
+    AS t (id, group_count)
+CROSS JOIN LATERAL generate_series(1, t.group_count) AS n;
+
+ANALYZE tenants;
+ANALYZE users;
+ANALYZE groups;
