@@ -139,6 +139,10 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
   done < <(find "$pkg" -name '*.so')
   [[ $bad -eq 0 ]] || exit 1
   echo "$n compiled extensions, all $arch (cpython-311-$tag)"
+  # Bytecode must ship (src/Makefile): the code folder is read-only on Lambda.
+  ls "$pkg"/handler/__pycache__/app.cpython-311.pyc "$pkg"/pydantic/__pycache__/main.cpython-311.pyc >/dev/null \
+    || { echo "FAIL: the package ships no bytecode" >&2; exit 1; }
+  [[ ! -e "$pkg/Makefile" ]] || { echo "FAIL: the build Makefile leaked into the package" >&2; exit 1; }
   echo "built package: $(du -sh "$pkg" | cut -f1)"
 fi
 
