@@ -44,7 +44,6 @@ def describe(key: RefreshKey, state: KeyState, window_ms: int) -> dict[str, Any]
         "target": key.target,
         "lastRefreshStartedAt": _iso(state.started_at),
         "windowEndsAt": _iso(window_ends),
-        "claimInFlight": state.claim_token is not None,
         "lastDebouncedMutationAt": _iso(state.dirty_at),
         "trailingRefresh": (
             {

@@ -115,7 +115,7 @@ def test_read_s3_reads_every_object_under_the_prefix():
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket="dlq")
     first = msk_event(mutation("tenant-1"), mutation("tenant-2"))
-    second = msk_event(mutation("tenant-3"), start_offset_hint := None) if False else msk_event(mutation("tenant-3"))
+    second = msk_event(mutation("tenant-3"))
     prefix = "aws/lambda/esm-uuid/core.entities.lifecycle.mutated-0/2026/11/29/"
     s3.put_object(Bucket="dlq", Key=prefix + "a", Body=json.dumps(on_failure_object(first)).encode())
     s3.put_object(Bucket="dlq", Key=prefix + "b", Body=json.dumps(on_failure_object(second)).encode())
@@ -125,7 +125,6 @@ def test_read_s3_reads_every_object_under_the_prefix():
     assert objects == 2
     assert len(records) == 3
     assert seen == [(1, 2), (2, 2)]
-    del start_offset_hint
 
 
 @mock_aws
@@ -188,8 +187,12 @@ def test_build_events_splits_before_the_lambda_payload_limit():
 
 
 def test_run_collects_failed_records_and_undeliverable_batches():
-    events = replay.build_events([{"topic": "t", "partition": 0, "offset": o, "value": "x"} for o in range(3)], batch_records=2)
-    answers = iter([{"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": 1}}]}, RuntimeError("boom")])
+    events = replay.build_events(
+        [{"topic": "t", "partition": 0, "offset": o, "value": "x"} for o in range(3)], batch_records=2
+    )
+    answers = iter(
+        [{"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": 1}}]}, RuntimeError("boom")]
+    )
 
     def invoke(event):
         answer = next(answers)
@@ -255,7 +258,13 @@ def test_replay_twice_then_trailing_refresh_fires_once_per_tenant():
                 "eventSource": "aws:sqs",
                 "messageId": f"m{i}",
                 "body": json.dumps(
-                    {"kind": "trailing", "tenantId": m.tenant_id, "target": m.target, "token": m.token, "dueAt": m.due_at}
+                    {
+                        "kind": "trailing",
+                        "tenantId": m.tenant_id,
+                        "target": m.target,
+                        "token": m.token,
+                        "dueAt": m.due_at,
+                    }
                 ),
             }
             for i, m in enumerate(due)
