@@ -10,7 +10,7 @@ from typing import Any
 from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore, RecordingCube, RecordingScheduler
 from handler.domain.debounce import Debouncer
 from handler.domain.routing import EntityCubeMap
-from handler.domain.service import RefreshService
+from handler.domain.service import Mapper, RefreshService, serial_map
 from handler.local import build_msk_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,10 +18,21 @@ EVENTS = ROOT / "events"
 T0 = 1_795_953_600_000
 
 
-def mutation(tenant: str = "tenant-1", entity_type: str = "User", entity_id: str = "user-1",
-             timestamp: int | str = T0, **extra: Any) -> dict[str, Any]:
-    return {"eventType": "ENTITY_UPDATED", "entityType": entity_type, "entityId": entity_id,
-            "tenantId": tenant, "timestamp": timestamp, **extra}
+def mutation(
+    tenant: str = "tenant-1",
+    entity_type: str = "User",
+    entity_id: str = "user-1",
+    timestamp: int | str = T0,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "eventType": "ENTITY_UPDATED",
+        "entityType": entity_type,
+        "entityId": entity_id,
+        "tenantId": tenant,
+        "timestamp": timestamp,
+        **extra,
+    }
 
 
 def msk_event(*values: Any, partitions: int = 2) -> dict[str, Any]:
@@ -56,11 +67,13 @@ class Rig:
     window_ms: int = 30_000
     routes: EntityCubeMap = field(default_factory=EntityCubeMap)
     timezones: tuple[str, ...] = ("UTC",)
+    map_io: Mapper = serial_map
 
     def __post_init__(self) -> None:
         self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms)
-        self.service = RefreshService(self.routes, self.debouncer, self.cube, self.telemetry, self.clock,
-                                      self.timezones)
+        self.service = RefreshService(
+            self.routes, self.debouncer, self.cube, self.telemetry, self.clock, self.timezones, map_io=self.map_io
+        )
 
     @property
     def deadline(self) -> int:

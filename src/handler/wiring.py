@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import boto3
+import httpx
 from botocore.config import Config
 
 from handler.adapters.aws import SqsTrailingScheduler, cached_secret
@@ -15,7 +19,29 @@ from handler.domain.ports import Telemetry
 from handler.domain.service import RefreshService
 from handler.settings import Settings
 
-_AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5)
+IO_THREADS = 8
+
+_AWS_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 3},
+    connect_timeout=2,
+    read_timeout=5,
+    max_pool_connections=IO_THREADS,
+)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class ThreadMap:
+    """Runs a batch's independent remote calls (one per key, one per tenant) side by side; boto3
+    clients and httpx.Client are thread-safe. Results keep the input order."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="io")
+
+    def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
 
 
 def now_ms() -> int:
@@ -36,6 +62,15 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         cached_secret(settings.cube_api_secret_arn),
         timeout_ms=settings.timeout_ms,
         retries=settings.retry_attempts,
+        http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
     debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms)
-    return RefreshService(settings.entity_cube_map, debouncer, cube, telemetry, clock, settings.cube_timezones)
+    return RefreshService(
+        settings.entity_cube_map,
+        debouncer,
+        cube,
+        telemetry,
+        clock,
+        settings.cube_timezones,
+        map_io=ThreadMap(IO_THREADS),
+    )

@@ -25,8 +25,13 @@ def test_sqs_scheduler_sends_the_trailing_message_body(aws):
     url = sqs.create_queue(QueueName="trailing")["QueueUrl"]
     SqsTrailingScheduler(sqs, url).schedule(TrailingMessage("t1", "Users", "tok", T0), now=T0)
     (msg,) = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0)["Messages"]
-    assert json.loads(msg["Body"]) == {"kind": "trailing", "tenantId": "t1", "target": "Users", "token": "tok",
-                                       "dueAt": T0}
+    assert json.loads(msg["Body"]) == {
+        "kind": "trailing",
+        "tenantId": "t1",
+        "target": "Users",
+        "token": "tok",
+        "dueAt": T0,
+    }
 
 
 def test_sqs_scheduler_delays_to_the_due_time_capped_at_15_minutes():
@@ -48,7 +53,8 @@ def test_sqs_scheduler_failure_is_a_scheduler_error(aws):
     sqs = boto3.client("sqs", region_name="us-east-1")
     with pytest.raises(SchedulerUnavailable):
         SqsTrailingScheduler(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/missing").schedule(
-            TrailingMessage("t1", "Users", "tok", T0), now=T0)
+            TrailingMessage("t1", "Users", "tok", T0), now=T0
+        )
 
 
 def test_secret_is_read_from_secrets_manager_and_cached(aws):

@@ -29,9 +29,13 @@ class Server:
 
 def client(server: Server, *, retries=3, sleeps=None, now=lambda: NOW) -> CubeJobsClient:
     return CubeJobsClient(
-        "http://cube.test/cubejs-api/", lambda: SECRET, timeout_ms=1_000, retries=retries,
+        "http://cube.test/cubejs-api/",
+        lambda: SECRET,
+        timeout_ms=1_000,
+        retries=retries,
         http=httpx.Client(transport=httpx.MockTransport(server)),
-        sleep=(sleeps.append if sleeps is not None else lambda s: None), now_ms=now,
+        sleep=(sleeps.append if sleeps is not None else lambda s: None),
+        now_ms=now,
     )
 
 
@@ -41,8 +45,9 @@ def ok(tokens=("tok-1",)):
 
 def test_cube_client_posts_the_job_request_with_the_tenant_context():
     server = Server(ok(["a", "b"]))
-    tokens = client(server).trigger("tenant-1", build_selectors(["Users"], "tenant-1", ["UTC"]),
-                                    deadline_ms=NOW + 60_000)
+    tokens = client(server).trigger(
+        "tenant-1", build_selectors(["Users"], "tenant-1", ["UTC"]), deadline_ms=NOW + 60_000
+    )
     assert tokens == ["a", "b"]
     (request,) = server.requests
     assert request.method == "POST"
@@ -50,8 +55,11 @@ def test_cube_client_posts_the_job_request_with_the_tenant_context():
     assert request.headers["content-type"] == "application/json"
     assert json.loads(request.content) == {
         "action": "post",
-        "selector": {"contexts": [{"securityContext": {"tenantId": "tenant-1"}}], "timezones": ["UTC"],
-                     "cubes": ["Users"]},
+        "selector": {
+            "contexts": [{"securityContext": {"tenantId": "tenant-1"}}],
+            "timezones": ["UTC"],
+            "cubes": ["Users"],
+        },
     }
 
 
@@ -77,7 +85,7 @@ def test_cube_client_retries_a_500_then_succeeds():
 
 def test_cube_client_does_not_retry_a_4xx_and_keeps_cube_error_text():
     server = Server(httpx.Response(403, json={"error": "API scope is missing: jobs"}))
-    with pytest.raises(CubeRejected, match="403.*API scope is missing: jobs") as info:
+    with pytest.raises(CubeRejected, match=r"403.*API scope is missing: jobs") as info:
         client(server).trigger("t", [{}], deadline_ms=NOW + 60_000)
     assert info.value.status == 403
     assert len(server.requests) == 1
@@ -107,9 +115,16 @@ def test_cube_client_never_retries_past_the_deadline():
         clock[0] += int(seconds * 1000)
 
     server = Server(*[httpx.Response(503, text="unavailable")] * 10)
-    c = CubeJobsClient("http://cube.test/cubejs-api", lambda: SECRET, timeout_ms=1_000, retries=10,
-                       backoff_ms=10_000, http=httpx.Client(transport=httpx.MockTransport(server)),
-                       sleep=sleep, now_ms=now)
+    c = CubeJobsClient(
+        "http://cube.test/cubejs-api",
+        lambda: SECRET,
+        timeout_ms=1_000,
+        retries=10,
+        backoff_ms=10_000,
+        http=httpx.Client(transport=httpx.MockTransport(server)),
+        sleep=sleep,
+        now_ms=now,
+    )
     with pytest.raises(CubeServerError):
         c.trigger("t", [{}], deadline_ms=NOW + 5_000)
     assert clock[0] <= NOW + 5_000

@@ -18,7 +18,10 @@ def _b64(text: str) -> str:
         ("%%%", "bad_base64"),
         (_b64("not json"), "not_json"),
         (_b64("[1, 2]"), "not_object"),
-        (_b64(json.dumps({"eventType": "X", "entityType": "User", "tenantId": "t1", "timestamp": 1})), "invalid_fields"),
+        (
+            _b64(json.dumps({"eventType": "X", "entityType": "User", "tenantId": "t1", "timestamp": 1})),
+            "invalid_fields",
+        ),
         (_b64(json.dumps(mutation(entity_id=42))), "invalid_fields"),  # type: ignore[arg-type]
         (_b64(json.dumps(mutation(tenant="../etc"))), "invalid_fields"),
         (_b64(json.dumps(mutation(tenant=""))), "invalid_fields"),
@@ -51,9 +54,7 @@ def test_decode_accepts_iso_timestamps_and_tolerates_unknown_fields():
 def test_decode_record_refs_name_topic_partition_and_offset():
     batch = decode_msk_event(msk_event(None, partitions=1))
     (bad,) = batch.invalid
-    assert bad.ref.as_failure() == {
-        "itemIdentifier": {"partition": "core.entities.lifecycle.mutated-0", "offset": 100}
-    }
+    assert bad.ref.as_failure() == {"itemIdentifier": {"partition": "core.entities.lifecycle.mutated-0", "offset": 100}}
 
 
 def test_decode_event_without_records_is_malformed():
@@ -71,8 +72,11 @@ def test_trailing_message_round_trip_and_rejections():
     body = json.dumps({"kind": "trailing", "tenantId": "t1", "target": "Users", "token": "abc", "dueAt": 5})
     message = decode_trailing_message(body)
     assert (message.tenant_id, message.target, message.token, message.due_at) == ("t1", "Users", "abc", 5)
-    for broken in ["nope", json.dumps({"kind": "other"}),
-                   json.dumps({"kind": "trailing", "tenantId": "a b", "target": "Users", "token": "x", "dueAt": 1}),
-                   json.dumps({"kind": "trailing", "tenantId": "t1", "target": "Users;drop", "token": "x", "dueAt": 1})]:
-        with pytest.raises(ValueError, match="trailing|JSON"):
+    for broken in [
+        "nope",
+        json.dumps({"kind": "other"}),
+        json.dumps({"kind": "trailing", "tenantId": "a b", "target": "Users", "token": "x", "dueAt": 1}),
+        json.dumps({"kind": "trailing", "tenantId": "t1", "target": "Users;drop", "token": "x", "dueAt": 1}),
+    ]:
+        with pytest.raises(ValueError, match=r"trailing|JSON"):
             decode_trailing_message(broken)

@@ -30,8 +30,15 @@ def _prepare(name: str, rig: Rig) -> None:
         body = json.loads(load_event(name)["Records"][0]["body"])
         key = RefreshKey(body["tenantId"], body["target"])
         rig.store.claim(key, now=body["dueAt"] - 30_000, window_ms=30_000, claim_token="c", expires_at=0)
-        rig.store.schedule_trailing(key, now=body["dueAt"] - 29_000, oldest_event_ms=body["dueAt"] - 29_500,
-                                    trailing_token=body["token"], due_at=body["dueAt"], replaces=None, expires_at=0)
+        rig.store.schedule_trailing(
+            key,
+            now=body["dueAt"] - 29_000,
+            oldest_event_ms=body["dueAt"] - 29_500,
+            trailing_token=body["token"],
+            due_at=body["dueAt"],
+            replaces=None,
+            expires_at=0,
+        )
         rig.clock.now = body["dueAt"]
 
 
@@ -59,7 +66,8 @@ def test_handler_partial_batch_names_exactly_the_bad_records():
     offsets = sorted(f["itemIdentifier"]["offset"] for f in response["batchItemFailures"])
     assert offsets == [110, 111, 112, 113, 114]
     assert {f["itemIdentifier"]["partition"] for f in response["batchItemFailures"]} == {
-        "core.entities.lifecycle.mutated-0"}
+        "core.entities.lifecycle.mutated-0"
+    }
     assert len(rig.cube.requests) == 1
 
 
@@ -78,7 +86,6 @@ def test_handler_unknown_event_fails_loudly():
 
 def test_handler_operation_with_bad_tenant_is_refused_with_a_clear_error():
     rig = Rig()
-    response = app.handle({"operation": "refresh", "tenantId": "../x", "cubes": ["Users"]}, None,
-                          service=rig.service)
+    response = app.handle({"operation": "refresh", "tenantId": "../x", "cubes": ["Users"]}, None, service=rig.service)
     assert response["ok"] is False and "tenantId" in response["error"]
     assert rig.cube.requests == []

@@ -1,7 +1,12 @@
 """The pipeline over in-memory fakes: coalescing, debouncing, Cube calls, failures."""
 
+import pytest
+
 from handler.domain.decode import decode_msk_event
 from handler.domain.errors import CubeRejected, CubeUnreachable
+from handler.domain.model import RecordRef
+from handler.domain.service import serial_map
+from handler.wiring import ThreadMap
 from tests.builders import Rig, msk_event, mutation
 
 TENANTS = ["tenant-1", "tenant-2", "tenant-3"]
@@ -9,8 +14,7 @@ TYPES = ["User", "Tenant", "Group"]
 
 
 def burst(n: int) -> list[dict]:
-    return [mutation(TENANTS[i % 3], TYPES[(i // 3) % 3], f"e-{i}", timestamp=1_795_953_600_000 + i)
-            for i in range(n)]
+    return [mutation(TENANTS[i % 3], TYPES[(i // 3) % 3], f"e-{i}", timestamp=1_795_953_600_000 + i) for i in range(n)]
 
 
 def run(rig: Rig, values: list) -> tuple[set, object]:
@@ -19,8 +23,9 @@ def run(rig: Rig, values: list) -> tuple[set, object]:
     return outcome.failed | {b.ref for b in batch.invalid}, outcome
 
 
-def test_service_900_records_make_9_claims_and_3_posts_then_none_inside_the_window():
-    rig = Rig()
+@pytest.mark.parametrize("map_io", [serial_map, ThreadMap(8)], ids=["serial", "threads"])
+def test_service_900_records_make_9_claims_and_3_posts_then_none_inside_the_window(map_io):
+    rig = Rig(map_io=map_io)
     failed, _ = run(rig, burst(900))
     assert not failed
     assert rig.store.writes == 9
@@ -70,8 +75,9 @@ def test_service_cube_down_releases_claim_so_redelivered_batch_refreshes_at_once
     assert rig.telemetry.counts["ClaimsReleased"] == 1
 
 
-def test_service_failure_of_one_tenant_does_not_fail_the_others():
-    rig = Rig()
+@pytest.mark.parametrize("map_io", [serial_map, ThreadMap(8)], ids=["serial", "threads"])
+def test_service_failure_of_one_tenant_does_not_fail_the_others(map_io):
+    rig = Rig(map_io=map_io)
     rig.cube.failures.append(CubeUnreachable("down"))  # the first tenant's POST (sorted: tenant-1)
     failed, _ = run(rig, [mutation("tenant-1"), mutation("tenant-2"), mutation("tenant-3")])
     assert len(failed) == 1
@@ -91,10 +97,9 @@ def test_service_trailing_refresh_posts_once_per_tenant():
     run(rig, burst(9))
     rig.clock.advance(29_000)
     due = rig.scheduler.due(rig.clock.now)
-    from handler.domain.model import RecordRef
-
-    outcome = rig.service.process_trailing([(RecordRef("sqs", i), m) for i, m in enumerate(due)],
-                                           deadline_ms=rig.deadline)
+    outcome = rig.service.process_trailing(
+        [(RecordRef("sqs", i), m) for i, m in enumerate(due)], deadline_ms=rig.deadline
+    )
     assert not outcome.failed
     assert len(rig.cube.requests) == 6
     assert rig.telemetry.counts["TrailingFired"] == 9

@@ -12,8 +12,14 @@ REQUIRED = {
 
 @pytest.fixture
 def env(monkeypatch):
-    for name in ["CUBE_PREAGG_ENABLED", "CUBE_PREAGG_DEBOUNCE_MS", "CUBE_PREAGG_TIMEOUT_MS", "ENTITY_CUBE_MAP",
-                 "CUBE_TIMEZONES", "CUBE_PREAGG_RETRY_ATTEMPTS"]:
+    for name in [
+        "CUBE_PREAGG_ENABLED",
+        "CUBE_PREAGG_DEBOUNCE_MS",
+        "CUBE_PREAGG_TIMEOUT_MS",
+        "ENTITY_CUBE_MAP",
+        "CUBE_TIMEZONES",
+        "CUBE_PREAGG_RETRY_ATTEMPTS",
+    ]:
         monkeypatch.delenv(name, raising=False)
     for name, value in REQUIRED.items():
         monkeypatch.setenv(name, value)

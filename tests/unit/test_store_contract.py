@@ -26,8 +26,12 @@ def store(request):
     assert spec.source != "docs/architecture.md", "the test table must come from template.yaml"
     with mock_aws():
         client = boto3.client("dynamodb", region_name="us-east-1")
-        client.create_table(TableName="debounce", KeySchema=spec.key_schema,
-                            AttributeDefinitions=spec.attribute_definitions, BillingMode="PAY_PER_REQUEST")
+        client.create_table(
+            TableName="debounce",
+            KeySchema=spec.key_schema,
+            AttributeDefinitions=spec.attribute_definitions,
+            BillingMode="PAY_PER_REQUEST",
+        )
         yield DynamoDBDebounceStore(client, "debounce")
 
 
@@ -72,11 +76,13 @@ def test_store_release_of_a_first_claim_leaves_no_window(store):
 
 def test_store_schedule_then_join_then_trailing_claim(store):
     claim(store, T0)
-    sched = store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0 + 5, trailing_token="t1",
-                                    due_at=T0 + W, replaces=None, expires_at=1)
+    sched = store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0 + 5, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
     assert sched.ok
-    assert not store.schedule_trailing(KEY, now=T0 + 11, oldest_event_ms=T0, trailing_token="t2",
-                                       due_at=T0 + W, replaces=None, expires_at=1).ok
+    assert not store.schedule_trailing(
+        KEY, now=T0 + 11, oldest_event_ms=T0, trailing_token="t2", due_at=T0 + W, replaces=None, expires_at=1
+    ).ok
     assert store.join_trailing(KEY, now=T0 + 20, oldest_event_ms=T0 + 1, trailing_token="t1", expires_at=1).ok
     assert not store.join_trailing(KEY, now=T0 + 21, oldest_event_ms=T0, trailing_token="nope", expires_at=1).ok
     state = store.get(KEY)
@@ -87,16 +93,24 @@ def test_store_schedule_then_join_then_trailing_claim(store):
     assert running.ok and store.get(KEY).trailing_state == "running"
     # a join on a running trailing refresh is refused; a replacement is accepted
     assert not store.join_trailing(KEY, now=T0 + W + 1, oldest_event_ms=T0, trailing_token="t1", expires_at=1).ok
-    assert store.schedule_trailing(KEY, now=T0 + W + 2, oldest_event_ms=T0 + W + 2, trailing_token="t2",
-                                   due_at=T0 + 2 * W, replaces="t1", expires_at=1).ok
+    assert store.schedule_trailing(
+        KEY,
+        now=T0 + W + 2,
+        oldest_event_ms=T0 + W + 2,
+        trailing_token="t2",
+        due_at=T0 + 2 * W,
+        replaces="t1",
+        expires_at=1,
+    ).ok
     assert not store.finish_trailing(KEY, trailing_token="t1")
     assert store.get(KEY).trailing_token == "t2"
 
 
 def test_store_trailing_claim_needs_a_stale_key(store):
     claim(store, T0)
-    store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
-                            replaces=None, expires_at=1)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
     claim(store, T0 + W, token="lead")  # a leading refresh after the mutation: the key is no longer stale
     assert not claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
     assert store.finish_trailing(KEY, trailing_token="t1")
@@ -105,16 +119,18 @@ def test_store_trailing_claim_needs_a_stale_key(store):
 
 def test_store_trailing_claim_that_died_running_can_be_taken_again(store):
     claim(store, T0)
-    store.schedule_trailing(KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
-                            replaces=None, expires_at=1)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
     assert claim(store, T0 + W, token="c2", trailing_token="t1").ok
     assert claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
 
 
 def test_store_join_with_an_older_time_keeps_the_newer_mark(store):
     claim(store, T0)
-    store.schedule_trailing(KEY, now=T0 + 50, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W,
-                            replaces=None, expires_at=1)
+    store.schedule_trailing(
+        KEY, now=T0 + 50, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
     assert store.join_trailing(KEY, now=T0 + 40, oldest_event_ms=T0, trailing_token="t1", expires_at=1).ok
     assert store.get(KEY).dirty_at == T0 + 50
 

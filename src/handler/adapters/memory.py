@@ -154,20 +154,25 @@ class RecordingScheduler:
 
 @dataclass
 class RecordingCube:
-    """Answers like Cube's jobs API: one token per selector target; can be told to fail."""
+    """Answers like Cube's jobs API: one token per selector target; can be told to fail.
+    Thread-safe, like the HTTP client it stands in for."""
 
     requests: list[tuple[str, list[dict[str, object]]]] = field(default_factory=list)
     failures: list[CubeError] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
-        self.requests.append((tenant_id, [dict(s) for s in selectors]))
-        if self.failures:
-            raise self.failures.pop(0)
+        with self._lock:
+            self.requests.append((tenant_id, [dict(s) for s in selectors]))
+            number = len(self.requests)
+            failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            raise failure
         tokens: list[str] = []
         for selector in selectors:
             names = selector.get("cubes") or selector.get("preAggregations") or []
             assert isinstance(names, list)
-            tokens.extend(f"job-{tenant_id}-{name}-{len(self.requests)}" for name in names)
+            tokens.extend(f"job-{tenant_id}-{name}-{number}" for name in names)
         return tokens
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
@@ -14,6 +15,19 @@ from handler.domain.ports import Clock, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+# How remote calls of one batch are spread: serially by default (deterministic, for tests and the
+# model check); the deployed wiring passes a thread pool's map, since the calls are independent.
+class Mapper(Protocol):
+    def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]: ...
+
+
+def serial_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    return [fn(item) for item in items]
 
 
 @dataclass(slots=True)
@@ -48,7 +62,9 @@ class RefreshService:
         telemetry: Telemetry,
         clock: Clock,
         timezones: Sequence[str],
+        map_io: Mapper = serial_map,
     ) -> None:
+        self._map = map_io
         self.routes = routes
         self.debouncer = debouncer
         self.cube = cube
@@ -78,26 +94,34 @@ class RefreshService:
 
         outcome = Outcome()
         claims: dict[str, list[Claim]] = defaultdict(list)
-        for key in sorted(groups):
-            group = groups[key]
-            try:
-                decision = self.debouncer.decide(key, group.oldest_event_ms)
-            except (StoreUnavailable, SchedulerUnavailable) as exc:
-                log.warning("debounce decision failed", extra={"key": key.pk, "error": str(exc)})
-                outcome.failed.update(group.refs)
-                outcome.keys.append(KeyOutcome(key, "failed", type(exc).__name__))
-                continue
-            if isinstance(decision, Claim):
+        for key, decision in self._decide_all([(k, groups[k].oldest_event_ms) for k in sorted(groups)]):
+            if isinstance(decision, Exception):
+                log.warning("debounce decision failed", extra={"key": key.pk, "error": str(decision)})
+                outcome.failed.update(groups[key].refs)
+                outcome.keys.append(KeyOutcome(key, "failed", type(decision).__name__))
+            elif isinstance(decision, Claim):
                 claims[key.tenant_id].append(decision)
             else:
                 self._debounced(decision, outcome)
 
-        for tenant_id in sorted(claims):
-            ok_keys = self._refresh(tenant_id, claims[tenant_id], deadline_ms, outcome)
-            for claim in claims[tenant_id]:
+        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        for tenant_claims in claims.values():
+            for claim in tenant_claims:
                 if claim.key not in ok_keys:
                     outcome.failed.update(groups[claim.key].refs)
         return outcome
+
+    def _decide_all(
+        self, keys: Sequence[tuple[RefreshKey, int]], *, force: bool = False
+    ) -> list[tuple[RefreshKey, Claim | Debounced | Exception]]:
+        def decide(item: tuple[RefreshKey, int]) -> tuple[RefreshKey, Claim | Debounced | Exception]:
+            key, oldest = item
+            try:
+                return key, self.debouncer.decide(key, oldest, force=force)
+            except (StoreUnavailable, SchedulerUnavailable) as exc:
+                return key, exc
+
+        return self._map(decide, keys)
 
     def _debounced(self, decision: Debounced, outcome: Outcome) -> None:
         self.telemetry.count("Debounced")
@@ -125,10 +149,12 @@ class RefreshService:
                 outcome.keys.append(KeyOutcome(result.key, "rescheduled", f"due at {result.due_at}"))
             else:
                 outcome.keys.append(KeyOutcome(result.key, "skipped", result.reason))
-        for tenant_id in sorted(claims):
-            self.telemetry.count("TrailingFired", len(claims[tenant_id]))
-            ok_keys = self._refresh(tenant_id, claims[tenant_id], deadline_ms, outcome)
-            for claim in claims[tenant_id]:
+        fired = sum(len(c) for c in claims.values())
+        if fired:
+            self.telemetry.count("TrailingFired", fired)
+        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        for tenant_claims in claims.values():
+            for claim in tenant_claims:
                 if claim.key not in ok_keys:
                     outcome.failed.update(refs[claim.key])
         return outcome
@@ -139,28 +165,42 @@ class RefreshService:
         outcome = Outcome()
         now = self.clock.now_ms()
         claims: list[Claim] = []
-        for target in sorted(set(targets)):
-            key = RefreshKey(tenant_id, target)
-            try:
-                decision = self.debouncer.decide(key, now, force=force)
-            except (StoreUnavailable, SchedulerUnavailable) as exc:
-                outcome.keys.append(KeyOutcome(key, "failed", str(exc)))
-                continue
-            if isinstance(decision, Claim):
+        keys = [(RefreshKey(tenant_id, target), now) for target in sorted(set(targets))]
+        for key, decision in self._decide_all(keys, force=force):
+            if isinstance(decision, Exception):
+                outcome.keys.append(KeyOutcome(key, "failed", str(decision)))
+            elif isinstance(decision, Claim):
                 claims.append(decision)
             else:
                 self._debounced(decision, outcome)
-        if claims:
-            self._refresh(tenant_id, claims, deadline_ms, outcome)
+        self._refresh_all({tenant_id: claims} if claims else {}, deadline_ms, outcome)
         return outcome
 
     # -- the one place Cube is called --------------------------------------------------------
-    def _refresh(self, tenant_id: str, claims: list[Claim], deadline_ms: int, outcome: Outcome) -> set[RefreshKey]:
-        selectors = build_selectors([c.key.target for c in claims], tenant_id, self.timezones)
-        started = self.clock.now_ms()
-        try:
-            tokens = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
-        except CubeError as exc:
+    def _refresh_all(self, claims: dict[str, list[Claim]], deadline_ms: int, outcome: Outcome) -> set[RefreshKey]:
+        """One Cube request per tenant (spread by the mapper), then the bookkeeping in order."""
+
+        def call(tenant_id: str) -> tuple[list[str] | CubeError, int]:
+            selectors = build_selectors([c.key.target for c in claims[tenant_id]], tenant_id, self.timezones)
+            started = self.clock.now_ms()
+            try:
+                tokens = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+            except CubeError as exc:
+                return exc, 0
+            return tokens, self.clock.now_ms() - started
+
+        tenants = sorted(claims)
+        ok: set[RefreshKey] = set()
+        for tenant_id, result in zip(tenants, self._map(call, tenants), strict=True):
+            answer, latency = result
+            ok |= self._settle(tenant_id, claims[tenant_id], answer, latency, outcome)
+        return ok
+
+    def _settle(
+        self, tenant_id: str, claims: list[Claim], answer: list[str] | CubeError, latency: int, outcome: Outcome
+    ) -> set[RefreshKey]:
+        if isinstance(answer, CubeError):
+            exc = answer
             self.telemetry.count("CubeErrors")
             self.telemetry.count("CubeErrorsByClass", dimension=("ErrorClass", exc.error_class))
             log.warning(
@@ -177,7 +217,8 @@ class RefreshService:
                 self._release(claim)
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{exc.error_class}: {exc}"))
             return set()
-        self.telemetry.timing("CubeLatency", self.clock.now_ms() - started)
+        tokens = answer
+        self.telemetry.timing("CubeLatency", latency)
         for claim in claims:
             self._refreshed(claim)
             self.telemetry.count("RefreshesTriggered")
