@@ -75,15 +75,17 @@ def handle(
 def handle_msk(
     event: Mapping[str, Any], context: LambdaContext | None, service: RefreshService | None, settings: Settings
 ) -> dict[str, Any]:
+    svc = service or _service()
+    tel = svc.telemetry
     if not settings.enabled:
         count = sum(1 for _ in iter_msk_records(event))
-        telemetry.count("EventsReceived", count)
-        telemetry.count("DisabledAcks", count)
+        tel.count("EventsReceived", count)
+        tel.count("DisabledAcks", count)
         logger.info("refresh disabled: acknowledging batch", extra={"records": count})
         return {"batchItemFailures": []}
 
     batch = decode_msk_event(event)
-    telemetry.count("EventsReceived", batch.total)
+    tel.count("EventsReceived", batch.total)
     for bad in batch.invalid:
         logger.warning(
             "invalid record",
@@ -95,12 +97,12 @@ def handle_msk(
             },
         )
     if batch.invalid:
-        telemetry.count("InvalidEvents", len(batch.invalid))
-    outcome = (service or _service()).process_mutations(batch.mutations, deadline_ms=_deadline(context))
+        tel.count("InvalidEvents", len(batch.invalid))
+    outcome = svc.process_mutations(batch.mutations, deadline_ms=_deadline(context))
     failed = outcome.failed | {bad.ref for bad in batch.invalid}
     _log_outcome(outcome, batch.total, len(failed))
     if failed:
-        telemetry.count("RecordsFailed", len(failed))
+        tel.count("RecordsFailed", len(failed))
     ordered = sorted(failed, key=lambda r: (r.partition, r.offset))
     return {"batchItemFailures": [ref.as_failure() for ref in ordered]}
 
@@ -108,8 +110,9 @@ def handle_msk(
 def handle_trailing(
     records: list[Mapping[str, Any]], context: LambdaContext | None, service: RefreshService | None, settings: Settings
 ) -> dict[str, Any]:
+    svc = service or _service()
     if not settings.enabled:
-        telemetry.count("DisabledAcks", len(records))
+        svc.telemetry.count("DisabledAcks", len(records))
         return {"batchItemFailures": []}
     ids: dict[RecordRef, str] = {}
     messages: list[tuple[RecordRef, TrailingMessage]] = []
@@ -122,7 +125,7 @@ def handle_trailing(
         except ValueError as exc:
             logger.warning("invalid trailing message", extra={"message_id": ids[ref], "error": str(exc)})
             failed.add(ref)
-    outcome = (service or _service()).process_trailing(messages, deadline_ms=_deadline(context))
+    outcome = svc.process_trailing(messages, deadline_ms=_deadline(context))
     failed |= outcome.failed
     _log_outcome(outcome, len(records), len(failed))
     return {"batchItemFailures": [{"itemIdentifier": ids[ref]} for ref in sorted(failed, key=lambda r: r.offset)]}
