@@ -124,6 +124,7 @@ def test_debounce_window_then_trailing_refresh_end_to_end(
         "target": "Users",
         "token": state.trailing_token,
         "dueAt": state.trailing_due_at,
+        "attempt": 0,
     }
     assert cube_api.tables("tenant-1") == tables, "nothing was built while the window was open"
     wait_until(lambda: now_ms() >= body["dueAt"], 10, "the trailing refresh's due time")

@@ -31,6 +31,7 @@ def test_sqs_scheduler_sends_the_trailing_message_body(aws):
         "target": "Users",
         "token": "tok",
         "dueAt": T0,
+        "attempt": 0,
     }
 
 

@@ -61,15 +61,15 @@ def test_store_force_claim_ignores_the_window(store):
 def test_store_release_needs_the_claim_token_and_restores_the_start(store):
     claim(store, T0)
     claim(store, T0 + W, token="c2")
-    assert not store.release(KEY, claim_token="other", previous_started_at=T0, trailing=False)
-    assert store.release(KEY, claim_token="c2", previous_started_at=T0, trailing=False)
+    assert not store.release(KEY, claim_token="other", previous_started_at=T0)
+    assert store.release(KEY, claim_token="c2", previous_started_at=T0)
     state = store.get(KEY)
     assert state.started_at == T0 and state.claim_token is None
 
 
 def test_store_release_of_a_first_claim_leaves_no_window(store):
     claim(store, T0)
-    assert store.release(KEY, claim_token="c1", previous_started_at=None, trailing=False)
+    assert store.release(KEY, claim_token="c1", previous_started_at=None)
     assert store.get(KEY).started_at is None
     assert claim(store, T0 + 1, token="c2").ok
 
@@ -101,9 +101,66 @@ def test_store_schedule_then_join_then_trailing_claim(store):
         due_at=T0 + 2 * W,
         replaces="t1",
         expires_at=1,
+        replaces_started_at=T0 + W,
     ).ok
     assert not store.finish_trailing(KEY, trailing_token="t1")
     assert store.get(KEY).trailing_token == "t2"
+
+
+def test_store_drop_trailing_only_if_no_mutation_joined_since_it_was_read(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    seen = store.get(KEY).dirty_at
+    store.join_trailing(KEY, now=T0 + 20, oldest_event_ms=T0, trailing_token="t1", expires_at=1)
+    assert not store.drop_trailing(KEY, trailing_token="t1", dirty_at=seen)
+    assert store.drop_trailing(KEY, trailing_token="t1", dirty_at=T0 + 20)
+    state = store.get(KEY)
+    assert state.trailing_token is None and state.pending_since is None
+
+
+def test_store_drop_trailing_leaves_a_running_trailing_refresh(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    claim(store, T0 + W, token="c2", trailing_token="t1")
+    assert not store.drop_trailing(KEY, trailing_token="t1", dirty_at=T0 + 10)
+
+
+def test_store_released_trailing_claim_stays_running_so_new_mutations_do_not_join_it(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    claim(store, T0 + W, token="c2", trailing_token="t1")
+    assert store.release(KEY, claim_token="c2", previous_started_at=T0)
+    assert store.get(KEY).trailing_state == "running"
+    assert not store.join_trailing(KEY, now=T0 + W + 5, oldest_event_ms=T0, trailing_token="t1", expires_at=1).ok
+    assert store.schedule_trailing(
+        KEY,
+        now=T0 + W + 5,
+        oldest_event_ms=T0,
+        trailing_token="t2",
+        due_at=T0 + W + 5,
+        replaces="t1",
+        expires_at=1,
+        replaces_started_at=T0,
+    ).ok
+
+
+def test_store_replacing_a_running_trailing_refresh_marks_dirty_no_earlier_than_its_claim(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    claim(store, T0 + W + 50, token="c2", trailing_token="t1")  # may die before reaching Cube
+    args = {"oldest_event_ms": T0 + W, "trailing_token": "t2", "due_at": T0 + 2 * W, "replaces": "t1", "expires_at": 1}
+    # the mutation's clock read an earlier time than the claim's
+    assert not store.schedule_trailing(KEY, now=T0 + W + 40, replaces_started_at=T0, **args).ok  # stale read
+    assert store.schedule_trailing(KEY, now=T0 + W + 40, replaces_started_at=T0 + W + 50, **args).ok
+    assert store.get(KEY).dirty_at == T0 + W + 50  # the new trailing refresh finds the key stale
 
 
 def test_store_trailing_claim_needs_a_stale_key(store):
@@ -113,7 +170,7 @@ def test_store_trailing_claim_needs_a_stale_key(store):
     )
     claim(store, T0 + W, token="lead")  # a leading refresh after the mutation: the key is no longer stale
     assert not claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
-    assert store.finish_trailing(KEY, trailing_token="t1")
+    assert store.drop_trailing(KEY, trailing_token="t1", dirty_at=T0 + 10)
     assert store.get(KEY).trailing_token is None
 
 

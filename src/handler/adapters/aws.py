@@ -47,6 +47,7 @@ class SqsTrailingScheduler:
             "target": message.target,
             "token": message.token,
             "dueAt": message.due_at,
+            "attempt": message.attempt,
         }
         try:
             self.client.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(body), DelaySeconds=delay)

@@ -115,18 +115,13 @@ class DynamoDBDebounceStore:
             )
         return self._update(key, update, condition, values, {"#t": "target"})
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
         values: dict[str, Any] = {":claim": _s(claim_token)}
-        sets = []
-        if previous_started_at is not None:
-            sets.append("startedAt = :prev")
-            values[":prev"] = _n(previous_started_at)
-        if trailing:
-            sets.append("trailingState = :scheduled")
-            values[":scheduled"] = _s("scheduled")
-        update = (f"SET {', '.join(sets)} " if sets else "") + "REMOVE claimToken"
         if previous_started_at is None:
-            update += ", startedAt"
+            update = "REMOVE claimToken, startedAt"
+        else:
+            update = "SET startedAt = :prev REMOVE claimToken"
+            values[":prev"] = _n(previous_started_at)
         return self._update(key, update, "claimToken = :claim", values).ok
 
     def join_trailing(
@@ -167,9 +162,13 @@ class DynamoDBDebounceStore:
         due_at: int,
         replaces: str | None,
         expires_at: int,
+        replaces_started_at: int | None = None,
     ) -> WriteResult:
+        # Replacing a running trailing refresh that may have died: mark the key dirty no earlier
+        # than that claim, so the new trailing refresh runs even if the old claim never reached Cube.
+        dirty = max(now, replaces_started_at or 0) if replaces else now
         values = {
-            ":now": _n(now),
+            ":now": _n(dirty),
             ":oldest": _n(oldest_event_ms),
             ":tt": _s(trailing_token),
             ":scheduled": _s("scheduled"),
@@ -185,7 +184,12 @@ class DynamoDBDebounceStore:
         if replaces is None:
             condition = "attribute_not_exists(trailingToken)"
         else:
-            condition = "trailingToken = :old AND trailingState = :running"
+            condition = "trailingToken = :old AND trailingState = :running AND "
+            if replaces_started_at is None:
+                condition += "attribute_not_exists(startedAt)"
+            else:
+                condition += "startedAt = :seen"
+                values[":seen"] = _n(replaces_started_at)
             values.update({":old": _s(replaces), ":running": _s("running")})
         return self._update(key, update, condition, values, {"#t": "target"})
 
@@ -195,6 +199,20 @@ class DynamoDBDebounceStore:
             "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
             "trailingToken = :tt",
             {":tt": _s(trailing_token)},
+        ).ok
+
+    def drop_trailing(self, key: RefreshKey, *, trailing_token: str, dirty_at: int | None) -> bool:
+        values = {":tt": _s(trailing_token), ":scheduled": _s("scheduled")}
+        if dirty_at is None:
+            unchanged = "attribute_not_exists(dirtyAt)"
+        else:
+            unchanged = "dirtyAt = :dirty"
+            values[":dirty"] = _n(dirty_at)
+        return self._update(
+            key,
+            "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
+            f"trailingToken = :tt AND trailingState = :scheduled AND {unchanged}",
+            values,
         ).ok
 
     def get(self, key: RefreshKey) -> KeyState | None:

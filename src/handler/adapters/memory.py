@@ -54,16 +54,13 @@ class InMemoryDebounceStore:
             self.items[key] = new
             return WriteResult(True, old)
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
         with self._lock:
             self.writes += 1
             st = self.items.get(key)
             if st is None or st.claim_token != claim_token:
                 return False
-            new = replace(st, started_at=previous_started_at, claim_token=None)
-            if trailing:
-                new = replace(new, trailing_state="scheduled")
-            self.items[key] = new
+            self.items[key] = replace(st, started_at=previous_started_at, claim_token=None)
             return True
 
     def join_trailing(
@@ -90,6 +87,7 @@ class InMemoryDebounceStore:
         due_at: int,
         replaces: str | None,
         expires_at: int,
+        replaces_started_at: int | None = None,
     ) -> WriteResult:
         with self._lock:
             self.writes += 1
@@ -98,13 +96,17 @@ class InMemoryDebounceStore:
             if replaces is None:
                 ok = st.trailing_token is None
             else:
-                ok = st.trailing_token == replaces and st.trailing_state == "running"
+                ok = (
+                    st.trailing_token == replaces
+                    and st.trailing_state == "running"
+                    and st.started_at == replaces_started_at
+                )
             if not ok:
                 return WriteResult(False, old)
             pending = oldest_event_ms if replaces or st.pending_since is None else st.pending_since
             self.items[key] = replace(
                 st,
-                dirty_at=now,
+                dirty_at=max(now, replaces_started_at or 0) if replaces else now,
                 pending_since=pending,
                 trailing_token=trailing_token,
                 trailing_state="scheduled",
@@ -118,6 +120,22 @@ class InMemoryDebounceStore:
             self.writes += 1
             st = self.items.get(key)
             if st is None or st.trailing_token != trailing_token:
+                return False
+            self.items[key] = replace(
+                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None
+            )
+            return True
+
+    def drop_trailing(self, key: RefreshKey, *, trailing_token: str, dirty_at: int | None) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if (
+                st is None
+                or st.trailing_token != trailing_token
+                or st.trailing_state != "scheduled"
+                or st.dirty_at != dirty_at
+            ):
                 return False
             self.items[key] = replace(
                 st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None

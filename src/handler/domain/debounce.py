@@ -9,14 +9,20 @@ window's end; the trailing refresh claims through the same condition. Crash safe
   has a message in flight (a message whose record never landed finds a different token and stops);
 - a claim that dies before Cube is called is not released: for a leading claim the batch is
   redelivered and marks the key dirty again; for a trailing claim the message is redelivered and the
-  `running` state it left behind lets it claim again once the window has passed.
+  `running` state it left behind lets it claim again once the window has passed;
+- a trailing refresh that Cube refused is released but stays `running`: its message comes back only
+  after the SQS visibility timeout, so a later mutation must not join it and wait that long; it
+  schedules a fresh message instead (the old one then finds itself superseded);
+- a trailing refresh dropped as covered is dropped only if no mutation joined it meanwhile;
+- a mutation that replaces a running trailing refresh marks the key dirty no earlier than that
+  refresh's claim: the claim may die before Cube is called, and the replacement must still run.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
@@ -127,6 +133,7 @@ class Debouncer:
                 due_at=due_at,
                 replaces=replaces,
                 expires_at=self._expires_at(now),
+                replaces_started_at=state.started_at if replaces else None,
             )
             if marked.ok:
                 return Debounced(key, scheduled=True, due_at=due_at)
@@ -135,39 +142,44 @@ class Debouncer:
     def fire(self, message: TrailingMessage) -> Claim | Rescheduled | NothingToDo:
         """A trailing refresh came due: claim it, put it off to the window's end, or drop it."""
         key = message.key
-        now = self.clock.now_ms()
-        token = self._new_token()
-        res = self.store.claim(
-            key,
-            now=now,
-            window_ms=self.window_ms,
-            claim_token=token,
-            expires_at=self._expires_at(now),
-            trailing_token=message.token,
-        )
-        if res.ok:
-            st = res.state
-            return Claim(
+        for _ in range(self._attempts):
+            now = self.clock.now_ms()
+            token = self._new_token()
+            res = self.store.claim(
                 key,
-                token,
-                now,
-                st.started_at if st else None,
-                st.pending_since if st else None,
+                now=now,
+                window_ms=self.window_ms,
+                claim_token=token,
+                expires_at=self._expires_at(now),
                 trailing_token=message.token,
             )
-        state = res.state
-        if state is None:
-            return NothingToDo(key, "key has no state")
-        if state.trailing_token not in (None, message.token):
-            return NothingToDo(key, "superseded by a newer trailing refresh")
-        window_end = (state.started_at or 0) + self.window_ms
-        if now < window_end:
-            later = TrailingMessage(message.tenant_id, message.target, message.token, window_end)
-            self.scheduler.schedule(later, now=now)
-            return Rescheduled(key, window_end)
-        if state.trailing_token == message.token:
-            self.store.finish_trailing(key, trailing_token=message.token)
-        return NothingToDo(key, "covered by a refresh that started after the last mutation")
+            if res.ok:
+                st = res.state
+                return Claim(
+                    key,
+                    token,
+                    now,
+                    st.started_at if st else None,
+                    st.pending_since if st else None,
+                    trailing_token=message.token,
+                )
+            state = res.state
+            if state is None:
+                return NothingToDo(key, "key has no state")
+            if state.trailing_token not in (None, message.token):
+                return NothingToDo(key, "superseded by a newer trailing refresh")
+            window_end = (state.started_at or 0) + self.window_ms
+            if now < window_end:
+                later = replace(message, due_at=window_end)
+                self.scheduler.schedule(later, now=now)
+                return Rescheduled(key, window_end)
+            if state.trailing_token is None:
+                return NothingToDo(key, "covered by a refresh that started after the last mutation")
+            # Covered, but a mutation may join between our read and this write: drop the record only
+            # if it is unchanged, else claim again (the joined mutation made the key stale).
+            if self.store.drop_trailing(key, trailing_token=message.token, dirty_at=state.dirty_at):
+                return NothingToDo(key, "covered by a refresh that started after the last mutation")
+        raise StoreUnavailable(f"no trailing decision for {key.pk} after {self._attempts} contended attempts")
 
     def refreshed(self, claim: Claim) -> None:
         """Cube queued the jobs. A leading claim needs no write (it was optimistic)."""
@@ -176,9 +188,4 @@ class Debouncer:
 
     def release(self, claim: Claim) -> bool:
         """Cube did not queue the jobs: give the window back so a retry refreshes at once."""
-        return self.store.release(
-            claim.key,
-            claim_token=claim.token,
-            previous_started_at=claim.previous_started_at,
-            trailing=claim.trailing,
-        )
+        return self.store.release(claim.key, claim_token=claim.token, previous_started_at=claim.previous_started_at)

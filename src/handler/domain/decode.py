@@ -102,4 +102,7 @@ def decode_trailing_message(body: str) -> TrailingMessage:
         raise ValueError("trailing message has an invalid target")
     if not (isinstance(token, str) and token) or not isinstance(due, int) or isinstance(due, bool):
         raise ValueError("trailing message lacks token or dueAt")
-    return TrailingMessage(tenant, target, token, due)
+    attempt = data.get("attempt", 0)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        raise ValueError("trailing message has an invalid attempt")
+    return TrailingMessage(tenant, target, token, due, attempt)

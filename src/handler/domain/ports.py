@@ -57,9 +57,10 @@ class DebounceStore(Protocol):
         previous trailing attempt to have died (trailingState = running); sets trailingState=running."""
         ...
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None, trailing: bool) -> bool:
-        """Undo a claim whose refresh failed: restore startedAt, drop claimToken (trailing: state back
-        to scheduled). Only if claimToken still equals ours."""
+    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
+        """Undo a claim whose refresh failed: restore startedAt, drop claimToken. Only if claimToken
+        still equals ours. A trailing refresh stays `running`, so later mutations schedule a fresh
+        message instead of joining one that waits out its SQS visibility timeout."""
         ...
 
     def join_trailing(
@@ -78,13 +79,21 @@ class DebounceStore(Protocol):
         due_at: int,
         replaces: str | None,
         expires_at: int,
+        replaces_started_at: int | None = None,
     ) -> WriteResult:
         """Record a debounced mutation and a new trailing refresh: when none exists (replaces None),
-        or in place of one that is already running (replaces = its token)."""
+        or in place of one that is running (replaces = its token, replaces_started_at = the startedAt
+        read with it). A replacement marks the key dirty no earlier than that claim: the running
+        refresh may have died before reaching Cube, and the new one must then not find the key clean."""
         ...
 
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
-        """Forget a trailing refresh that ran (or had nothing to do)."""
+        """Forget a trailing refresh that ran (Cube accepted it)."""
+        ...
+
+    def drop_trailing(self, key: RefreshKey, *, trailing_token: str, dirty_at: int | None) -> bool:
+        """Forget a scheduled trailing refresh that has nothing to do, only if no mutation joined it
+        since it was read (dirtyAt unchanged)."""
         ...
 
     def get(self, key: RefreshKey) -> KeyState | None: ...
@@ -100,6 +109,7 @@ class TrailingMessage:
     target: str
     token: str
     due_at: int
+    attempt: int = 0  # retries after Cube failed this trailing refresh
 
     @property
     def key(self) -> RefreshKey:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
@@ -15,6 +15,27 @@ from handler.domain.ports import Clock, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
 
 log = logging.getLogger(__name__)
+
+# Backoff of a trailing refresh that Cube failed (5xx, timeout, unreachable): about an hour in all.
+TRAILING_RETRY_DELAYS_MS = (
+    2_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+    300_000,
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -48,6 +69,7 @@ class KeyOutcome:
 class Outcome:
     failed: set[RecordRef] = field(default_factory=set)
     keys: list[KeyOutcome] = field(default_factory=list)
+    errors: dict[RefreshKey, CubeError] = field(default_factory=dict)
 
     def by_status(self, status: str) -> list[KeyOutcome]:
         return [k for k in self.keys if k.status == status]
@@ -134,7 +156,7 @@ class RefreshService:
     def process_trailing(self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int) -> Outcome:
         outcome = Outcome()
         claims: dict[str, list[Claim]] = defaultdict(list)
-        refs: dict[RefreshKey, list[RecordRef]] = defaultdict(list)
+        refs: dict[RefreshKey, list[tuple[RecordRef, TrailingMessage]]] = defaultdict(list)
         for ref, message in messages:
             try:
                 result = self.debouncer.fire(message)
@@ -143,7 +165,7 @@ class RefreshService:
                 outcome.failed.add(ref)
                 continue
             if isinstance(result, Claim):
-                refs[result.key].append(ref)
+                refs[result.key].append((ref, message))
                 claims[result.key.tenant_id].append(result)
             elif isinstance(result, Rescheduled):
                 outcome.keys.append(KeyOutcome(result.key, "rescheduled", f"due at {result.due_at}"))
@@ -156,8 +178,25 @@ class RefreshService:
         for tenant_claims in claims.values():
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
-                    outcome.failed.update(refs[claim.key])
+                    for ref, message in refs[claim.key]:
+                        if not self._retry_later(message, outcome.errors.get(claim.key)):
+                            outcome.failed.add(ref)
         return outcome
+
+    def _retry_later(self, message: TrailingMessage, error: CubeError | None) -> bool:
+        """Cube failed a trailing refresh: come back after a short backoff instead of waiting out the
+        SQS visibility timeout (6x the function timeout). 4xx, and failures past the last backoff, go
+        back to SQS, whose redrive policy ends in the trailing DLQ."""
+        if error is None or not error.retryable or message.attempt >= len(TRAILING_RETRY_DELAYS_MS):
+            return False
+        now = self.clock.now_ms()
+        retry = replace(message, due_at=now + TRAILING_RETRY_DELAYS_MS[message.attempt], attempt=message.attempt + 1)
+        try:
+            self.debouncer.scheduler.schedule(retry, now=now)
+        except SchedulerUnavailable:
+            return False
+        self.telemetry.count("TrailingRetried")
+        return True
 
     # -- manual operations -------------------------------------------------------------------
     def refresh_now(self, tenant_id: str, targets: Sequence[str], *, force: bool, deadline_ms: int) -> Outcome:
@@ -216,6 +255,7 @@ class RefreshService:
             for claim in claims:
                 self._release(claim)
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{exc.error_class}: {exc}"))
+                outcome.errors[claim.key] = exc
             return set()
         tokens = answer
         self.telemetry.timing("CubeLatency", latency)

@@ -1,0 +1,395 @@
+"""The real race (docs/guarantee.md): OS processes call `handler.app.handle` concurrently against a
+DynamoDB endpoint (dynalite; or moto, to show why not moto), a counting Cube HTTP endpoint and a
+file-backed SQS stand-in for trailing refreshes. Used by tests/integration/test_race.py; runnable by
+hand to compare backends:
+
+    PYTHONPATH=src:. .venv/bin/python -m tests.integration.race_worker --backend dynalite
+    PYTHONPATH=src:. .venv/bin/python -m tests.integration.race_worker --backend moto
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = "race-debounce"
+ROUTES = {"User": ["Users"], "Group": ["Groups", "Users.byGroup"]}
+TENANTS = ("t1", "t2", "t3")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+# ----------------------------------------------------------------------------- servers
+def dynalite_cli(workdir: Path) -> Path:
+    """cube/node_modules/dynalite (installed by the devstack) or `npm install dynalite@4.0.0`."""
+    cli = ROOT / "cube" / "node_modules" / "dynalite" / "cli.js"
+    if cli.is_file():
+        return cli
+    npm = shutil.which("npm")
+    if not npm:
+        raise RuntimeError("npm is not on PATH: cannot install dynalite")
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "dynalite@4.0.0"],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return workdir / "node_modules" / "dynalite" / "cli.js"
+
+
+def start_dynalite(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    node = shutil.which("node")
+    if not node:
+        raise RuntimeError("node is not on PATH: cannot start dynalite")
+    cli = dynalite_cli(workdir)
+    port = free_port()
+    log = (workdir / "dynalite.log").open("wb")
+    proc = subprocess.Popen([node, str(cli), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    if not wait_port(port, 30):
+        proc.kill()
+        raise RuntimeError(f"dynalite did not listen on {port}: {(workdir / 'dynalite.log').read_text()[-2000:]}")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    moto = Path(sys.executable).parent / "moto_server"
+    port = free_port()
+    log = (workdir / "moto.log").open("wb")
+    proc = subprocess.Popen([str(moto), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    if not wait_port(port, 30):
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def create_table(endpoint: str) -> None:
+    import boto3  # noqa: PLC0415
+
+    ddb = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    ddb.create_table(
+        TableName=TABLE,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    ddb.get_waiter("table_exists").wait(TableName=TABLE, WaiterConfig={"Delay": 1})
+
+
+@dataclass
+class CountingCube:
+    """POST /cubejs-api/v1/pre-aggregations/jobs: records (tenant, targets, arrival ms), answers 200."""
+
+    posts: list[tuple[str, list[str], int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        cube = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                arrived = now_ms()
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                selector = body.get("selector", {})
+                tenant = selector["contexts"][0]["securityContext"]["tenantId"]
+                targets = [*selector.get("cubes", []), *selector.get("preAggregations", [])]
+                with cube.lock:
+                    cube.posts.append((tenant, targets, arrived))
+                data = json.dumps([f"job-{uuid.uuid4().hex[:8]}" for _ in targets]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/cubejs-api"
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+
+
+# ----------------------------------------------------------------------------- the function under test
+class FileScheduler:
+    """SQS stand-in: trailing messages appended to a JSON-lines file (flock), read by the driver."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def schedule(self, message: Any, *, now: int) -> None:
+        line = json.dumps(
+            {
+                "kind": "trailing",
+                "tenantId": message.tenant_id,
+                "target": message.target,
+                "token": message.token,
+                "dueAt": message.due_at,
+            }
+        )
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.write(line + "\n")
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build(endpoint: str, cube_url: str, queue_file: str, window_ms: int) -> Any:
+    """The production wiring with the SQS adapter swapped for the file stand-in."""
+    from handler.local import LOCAL_DEFAULTS  # noqa: PLC0415
+
+    for name, value in LOCAL_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "POWERTOOLS_LOG_LEVEL": "ERROR"}
+    )
+    import boto3  # noqa: PLC0415
+
+    from handler.adapters.cube import CubeJobsClient  # noqa: PLC0415
+    from handler.adapters.dynamodb import DynamoDBDebounceStore  # noqa: PLC0415
+    from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+    from handler.domain.debounce import Debouncer  # noqa: PLC0415
+    from handler.domain.routing import EntityCubeMap  # noqa: PLC0415
+    from handler.domain.service import RefreshService  # noqa: PLC0415
+    from handler.wiring import SystemClock  # noqa: PLC0415
+
+    client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
+    clock = SystemClock()
+    store = DynamoDBDebounceStore(client, TABLE)
+    debouncer = Debouncer(store, FileScheduler(queue_file), clock, window_ms)
+    cube = CubeJobsClient(cube_url, lambda: "race-secret-race-secret-race-secret-32b", timeout_ms=5_000, retries=1)
+    return RefreshService(EntityCubeMap(ROUTES), debouncer, cube, CountingTelemetry(), clock, ("UTC",))
+
+
+def worker(args: tuple[int, str, str, str, int, float, int]) -> list[tuple[str, str, int, int]]:
+    """One process: mutations at random times on overlapping keys; retries failed records."""
+    index, endpoint, cube_url, queue_file, window_ms, duration_s, seed = args
+    from handler import app  # noqa: PLC0415
+    from handler.local import build_msk_event  # noqa: PLC0415
+
+    service = build(endpoint, cube_url, queue_file, window_ms)
+    rng = random.Random(seed * 1000 + index)
+    accepted: list[tuple[str, str, int, int]] = []
+    end = time.monotonic() + duration_s
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(0, 0.06))
+        tenant, entity = rng.choice(TENANTS), rng.choice(list(ROUTES))
+        received = now_ms()
+        event = build_msk_event(
+            [
+                {
+                    "eventType": "UPDATED",
+                    "entityType": entity,
+                    "entityId": f"e{index}",
+                    "tenantId": tenant,
+                    "timestamp": received,
+                }
+            ]
+        )
+        for _ in range(20):
+            response = app.handle(event, service=service)
+            if not response["batchItemFailures"]:
+                accepted.append((tenant, entity, received, now_ms()))
+                break
+            time.sleep(0.05)
+    return accepted
+
+
+# ----------------------------------------------------------------------------- the race
+@dataclass
+class RaceResult:
+    processes: int
+    mutations: int
+    refreshes: int
+    max_per_key_per_window: int
+    uncovered: int
+    trailing_delivered: int
+    duration_s: float
+    worst_staleness_ms: int
+    details: list[str]
+
+    def line(self) -> str:
+        return (
+            f"processes={self.processes} mutations={self.mutations} refreshes={self.refreshes} "
+            f"max_refreshes_per_key_per_window={self.max_per_key_per_window} uncovered={self.uncovered} "
+            f"trailing_delivered={self.trailing_delivered} worst_staleness_ms={self.worst_staleness_ms} "
+            f"duration_s={self.duration_s:.1f}"
+        )
+
+
+def drive_trailing(service: Any, queue_file: str, stop: threading.Event) -> int:
+    """Deliver due trailing messages back through `handle` as SQS events until stopped and drained."""
+    from handler import app  # noqa: PLC0415
+
+    offset = 0
+    pending: list[dict[str, Any]] = []
+    delivered = 0
+    idle_since = None
+    while True:
+        with open(queue_file, encoding="utf-8") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        complete = data[: data.rfind("\n") + 1]
+        offset += len(complete.encode())
+        pending += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        now = now_ms()
+        due = [m for m in pending if m["dueAt"] <= now]
+        pending = [m for m in pending if m["dueAt"] > now]
+        if due:
+            idle_since = None
+            records = [
+                {"eventSource": "aws:sqs", "messageId": str(i), "body": json.dumps(m)} for i, m in enumerate(due)
+            ]
+            response = app.handle({"Records": records}, service=service)
+            failed = {int(f["itemIdentifier"]) for f in response["batchItemFailures"]}
+            delivered += len(due)
+            pending += [dict(m, dueAt=now + 500) for i, m in enumerate(due) if i in failed]
+        elif stop.is_set() and not pending:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 0.5:
+                return delivered
+        time.sleep(0.02)
+
+
+def run_race(
+    endpoint: str, *, processes: int = 8, window_ms: int = 1_500, duration_s: float = 5.0, seed: int = 1
+) -> RaceResult:
+    began = time.monotonic()
+    create_table(endpoint)
+    cube = CountingCube()
+    cube_url = cube.start()
+    queue_dir = tempfile.mkdtemp(prefix="race-queue-")
+    queue_file = os.path.join(queue_dir, "trailing.jsonl")
+    Path(queue_file).touch()
+    try:
+        driver_service = build(endpoint, cube_url, queue_file, window_ms)
+        stop = threading.Event()
+        delivered: list[int] = []
+        driver = threading.Thread(target=lambda: delivered.append(drive_trailing(driver_service, queue_file, stop)))
+        driver.start()
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(processes) as pool:
+            jobs = [(i, endpoint, cube_url, queue_file, window_ms, duration_s, seed) for i in range(processes)]
+            accepted = [m for part in pool.map(worker, jobs) for m in part]
+        stop.set()
+        driver.join(timeout=window_ms / 1000 * 4 + 30)
+        assert not driver.is_alive(), "trailing refreshes did not drain"
+        return evaluate(accepted, cube.posts, processes, window_ms, delivered[0], time.monotonic() - began)
+    finally:
+        cube.stop()
+        shutil.rmtree(queue_dir, ignore_errors=True)
+
+
+def evaluate(
+    accepted: list[tuple[str, str, int, int]],
+    posts: list[tuple[str, list[str], int]],
+    processes: int,
+    window_ms: int,
+    delivered: int,
+    duration: float,
+) -> RaceResult:
+    starts: dict[tuple[str, str], list[int]] = {}
+    for tenant, targets, at in posts:
+        for target in targets:
+            starts.setdefault((tenant, target), []).append(at)
+    details: list[str] = []
+    max_per_window = 0
+    for key, times in starts.items():
+        times.sort()
+        for i, x in enumerate(times):
+            n = sum(1 for y in times[i:] if y < x + window_ms)
+            if n > max_per_window:
+                max_per_window = n
+            if n > 2:
+                details.append(f"{n} refreshes of {key} within {window_ms} ms from {x}")
+    uncovered = 0
+    worst = 0
+    for tenant, entity, received, _acked in accepted:
+        for target in ROUTES[entity]:
+            cube = target.split(".", 1)[0]
+            times = starts.get((tenant, target), []) + (starts.get((tenant, cube), []) if cube != target else [])
+            after = [t for t in times if t > received]
+            if not after:
+                uncovered += 1
+                details.append(f"uncovered: {tenant}#{target} received at {received}")
+            else:
+                worst = max(worst, min(after) - received)
+    return RaceResult(
+        processes, len(accepted), len(posts), max_per_window, uncovered, delivered, duration, worst, details
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["dynalite", "moto"], default="dynalite")
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--window-ms", type=int, default=1_500)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    for run in range(args.runs):
+        workdir = Path(tempfile.mkdtemp(prefix=f"race-{args.backend}-"))
+        proc, endpoint = (start_dynalite if args.backend == "dynalite" else start_moto)(workdir)
+        try:
+            result = run_race(
+                endpoint, processes=args.processes, window_ms=args.window_ms, duration_s=args.duration, seed=run + 1
+            )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            shutil.rmtree(workdir, ignore_errors=True)
+        print(f"[race:{args.backend} run {run + 1}] {result.line()}")
+        for line in result.details[:10]:
+            print("   ", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
