@@ -138,10 +138,14 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
             settings.entity_cube_map, debouncer, cube, CountingTelemetry(), clock, settings.cube_timezones
         )
     response = app.handle(event, _Context(), service=service)  # type: ignore[arg-type]
-    print(json.dumps({"response": response}, indent=2), file=out)
+    print("Lambda response:", file=out)
+    print(json.dumps(response, indent=2), file=out)
     if not use_stack:
-        asked = [{"tenantId": t, "selectors": s} for t, s in cube.requests]
-        print(json.dumps({"cubeRequests": asked, "trailingScheduled": len(scheduler.messages)}, indent=2), file=out)
+        print(f"\nWhat it asked of Cube ({len(cube.requests)} POST /v1/pre-aggregations/jobs, not sent):", file=out)
+        for tenant, selectors in cube.requests:
+            for selector in selectors:
+                print(f"  {tenant}: {json.dumps(selector, separators=(',', ':'))}", file=out)
+        print(f"Trailing refreshes scheduled: {len(scheduler.messages)}", file=out)
     return 0
 
 
