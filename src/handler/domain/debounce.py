@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
-from handler.domain.ports import Clock, DebounceStore, TrailingMessage, TrailingScheduler
+from handler.domain.ports import Clock, DebounceStore, TrailingMessage, TrailingScheduler, WriteResult
 
 # Idle keys linger this long after their last write before TTL removes them (TTL is lazy anyway:
 # every condition compares timestamps, never relies on an item having gone).
@@ -91,19 +91,26 @@ class Debouncer:
     def _expires_at(self, now: int) -> int:
         return (now + 2 * self.window_ms) // 1000 + KEY_IDLE_TTL_S
 
+    def _claim(
+        self, key: RefreshKey, *, trailing_token: str | None = None, force: bool = False
+    ) -> tuple[int, str, WriteResult]:
+        now = self.clock.now_ms()
+        token = self._new_token()
+        res = self.store.claim(
+            key,
+            now=now,
+            window_ms=self.window_ms,
+            claim_token=token,
+            expires_at=self._expires_at(now),
+            trailing_token=trailing_token,
+            force=force,
+        )
+        return now, token, res
+
     def decide(self, key: RefreshKey, oldest_event_ms: int, *, force: bool = False) -> Claim | Debounced:
         """One debounce decision for a key that received mutations (oldest event time given)."""
         for _ in range(self._attempts):
-            now = self.clock.now_ms()
-            token = self._new_token()
-            res = self.store.claim(
-                key,
-                now=now,
-                window_ms=self.window_ms,
-                claim_token=token,
-                expires_at=self._expires_at(now),
-                force=force,
-            )
+            now, token, res = self._claim(key, force=force)
             if res.ok:
                 prev = res.state.started_at if res.state else None
                 return Claim(key, token, now, prev, oldest_event_ms)
@@ -143,16 +150,7 @@ class Debouncer:
         """A trailing refresh came due: claim it, put it off to the window's end, or drop it."""
         key = message.key
         for _ in range(self._attempts):
-            now = self.clock.now_ms()
-            token = self._new_token()
-            res = self.store.claim(
-                key,
-                now=now,
-                window_ms=self.window_ms,
-                claim_token=token,
-                expires_at=self._expires_at(now),
-                trailing_token=message.token,
-            )
+            now, token, res = self._claim(key, trailing_token=message.token)
             if res.ok:
                 st = res.state
                 return Claim(
