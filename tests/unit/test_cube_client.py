@@ -7,7 +7,7 @@ import jwt
 import pytest
 
 from handler.adapters.cube import CubeJobsClient
-from handler.domain.errors import CubeRejected, CubeServerError, CubeTimeout, CubeUnreachable
+from handler.domain.errors import CubeRejected, CubeSecretUnavailable, CubeServerError, CubeTimeout, CubeUnreachable
 from handler.domain.routing import build_selectors
 
 SECRET = "local-test-secret-that-is-32-bytes-long"
@@ -135,4 +135,24 @@ def test_cube_client_with_no_time_left_does_not_call():
     server = Server()
     with pytest.raises(CubeTimeout):
         client(server).trigger("t", [{}], deadline_ms=NOW - 1)
+    assert server.requests == []
+
+
+def test_cube_client_unreadable_secret_is_a_typed_error_that_sends_nothing():
+    server = Server()
+
+    def no_secret() -> str:
+        raise RuntimeError("AccessDeniedException: not authorized to perform secretsmanager:GetSecretValue")
+
+    c = CubeJobsClient(
+        "http://cube.test/cubejs-api",
+        no_secret,
+        timeout_ms=1_000,
+        retries=3,
+        http=httpx.Client(transport=httpx.MockTransport(server)),
+        now_ms=lambda: NOW,
+    )
+    with pytest.raises(CubeSecretUnavailable, match="RuntimeError") as info:
+        c.trigger("t", [{}], deadline_ms=NOW + 60_000)
+    assert info.value.error_class == "secret"
     assert server.requests == []

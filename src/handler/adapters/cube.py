@@ -11,7 +11,14 @@ from typing import Any
 import httpx
 import jwt
 
-from handler.domain.errors import CubeError, CubeRejected, CubeServerError, CubeTimeout, CubeUnreachable
+from handler.domain.errors import (
+    CubeError,
+    CubeRejected,
+    CubeSecretUnavailable,
+    CubeServerError,
+    CubeTimeout,
+    CubeUnreachable,
+)
 
 TOKEN_TTL_S = 300
 _MAX_ERROR_TEXT = 300
@@ -63,7 +70,11 @@ class CubeJobsClient:
         return result if isinstance(result, dict) else {}
 
     def _post(self, tenant_id: str, body: dict[str, Any], deadline_ms: int) -> Any:
-        headers = {"Authorization": f"Bearer {self.token_for(tenant_id)}", "Content-Type": "application/json"}
+        try:
+            token = self.token_for(tenant_id)
+        except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
+            raise CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})") from exc
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         payload = json.dumps(body, separators=(",", ":")).encode()
         attempt = 0
         while True:

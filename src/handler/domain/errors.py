@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class CubeError(Exception):
-    """Cube did not queue the jobs. `error_class` is one of client, server, timeout, connection."""
+    """Cube did not queue the jobs. `error_class` is one of client, server, timeout, connection, secret."""
 
     error_class = "server"
     retryable = True
@@ -31,6 +31,13 @@ class CubeTimeout(CubeError):
 
 class CubeUnreachable(CubeError):
     error_class = "connection"
+
+
+class CubeSecretUnavailable(CubeError):
+    """The Cube API secret could not be read (Secrets Manager denied, throttled or unreachable):
+    no request was sent. The message names the cause, never the secret."""
+
+    error_class = "secret"
 
 
 class StoreUnavailable(Exception):
