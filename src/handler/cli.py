@@ -340,17 +340,29 @@ def _operation(target: Target, payload: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _run(
+    target: Target,
+    payload: dict[str, Any],
+    args: argparse.Namespace,
+    out: TextIO,
+    human: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Invoke one operation; print its raw result with --json, else the human form."""
+    result = _operation(target, payload)
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        human(result)
+    return result
+
+
 def cmd_refresh(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     payload: dict[str, Any] = {"operation": "refresh", "tenantId": args.tenant, "force": args.force}
     if args.cube:
         payload["cubes"] = args.cube
     else:
         payload["entityType"] = args.entity_type
-    result = _operation(target, payload)
-    if args.json:
-        print(json.dumps(result, indent=2), file=out)
-    else:
-        print_refresh(result, out)
+    result = _run(target, payload, args, out, lambda r: print_refresh(r, out))
     return EXIT_OK if result.get("ok") else EXIT_FAILED
 
 
@@ -360,11 +372,7 @@ def cmd_stats(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         payload["tenantId"] = args.tenant
     if args.cube:
         payload["cubes"] = args.cube
-    result = _operation(target, payload)
-    if args.json:
-        print(json.dumps(result, indent=2), file=out)
-    else:
-        print_stats(result, out, datetime.now(tz=UTC))
+    _run(target, payload, args, out, lambda r: print_stats(r, out, datetime.now(tz=UTC)))
     return EXIT_OK
 
 
@@ -381,13 +389,13 @@ def cmd_clear(args: argparse.Namespace, target: Target, out: TextIO, stdin: Text
     payload: dict[str, Any] = {"operation": "clear", "tenantId": args.tenant}
     if args.cube:
         payload["cubes"] = args.cube
-    result = _operation(target, payload)
-    if args.json:
-        print(json.dumps(result, indent=2), file=out)
-    else:
+
+    def human(result: dict[str, Any]) -> None:
         cleared = result.get("cleared", [])
         names = ", ".join(cleared) if cleared else "nothing to clear"
         print(f"cleared {len(cleared)} key(s) of tenant {args.tenant}: {names}", file=out)
+
+    _run(target, payload, args, out, human)
     return EXIT_OK
 
 

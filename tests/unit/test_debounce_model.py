@@ -142,7 +142,6 @@ class Sim:
         self.cid = itertools.count()
         self.covers: dict[RefreshKey, list[int]] = defaultdict(list)
         self.disruptions: list[tuple[int, int]] = [(a, b) for a, b in spec.outages]
-        self.strict_disruptions: list[tuple[int, int]] = list(self.disruptions)
         self.invoke_delay_max = 0
         self.crashes_fired = 0
         self.cube_failures = 0
@@ -232,7 +231,6 @@ class Sim:
         self.crashes_fired += 1
         # A crashed claim blocks its key for a window; the redelivery comes within the retry delay.
         self.disruptions.append((self.now, self.now + W))
-        self.strict_disruptions.append((self.now, self.now + W))
         raise Crash
 
     # -- MSK
@@ -338,7 +336,6 @@ class Sim:
             # The failure is noticed `post` later; a failed trailing refresh is retried after its
             # backoff step (task.retry_ms), a failed MSK batch after the redelivery delay.
             self.disruptions.append((at, at + post + INVOKE_MAX_MS + task.retry_ms))
-            self.strict_disruptions.append((at, at + post + INVOKE_MAX_MS + task.retry_ms))
             task.failed_cube_ms += post
             self.pause(post)
             raise (CubeServerError if self.rng.random() < 0.5 else CubeUnreachable)("cube down", status=503)
@@ -468,7 +465,7 @@ class Verdict:
     sim: Any = None
 
 
-def check(sim: Sim, drained: bool, *, strict: bool = False) -> Verdict:
+def check(sim: Sim, drained: bool) -> Verdict:
     violations: list[str] = []
     if not drained:
         violations.append("no quiescence: the simulation did not drain")
@@ -490,7 +487,7 @@ def check(sim: Sim, drained: bool, *, strict: bool = False) -> Verdict:
                 continue
             cover = min(after)
             worst = max(worst, cover - m.received)
-            limit = bound_for(m.received, sim.strict_disruptions if strict else sim.disruptions, sim.spec.visibility_ms)
+            limit = bound_for(m.received, sim.disruptions, sim.spec.visibility_ms)
             if cover > limit:
                 violations.append(
                     f"(a) mutation {m.mid} {key.pk} received at {m.received} covered at {cover} > bound {limit}"
@@ -509,12 +506,10 @@ def check(sim: Sim, drained: bool, *, strict: bool = False) -> Verdict:
     return Verdict(violations, worst, max_per_window, len(sim.mutations), sum(map(len, sim.covers.values())))
 
 
-def simulate(
-    spec: Spec, store: InMemoryDebounceStore | None = None, *, drop_messages: bool = False, strict: bool = False
-) -> Verdict:
+def simulate(spec: Spec, store: InMemoryDebounceStore | None = None, *, drop_messages: bool = False) -> Verdict:
     sim = Sim(spec, store or InMemoryDebounceStore(), drop_messages=drop_messages)
     drained = sim.run()
-    verdict = check(sim, drained, strict=strict)
+    verdict = check(sim, drained)
     verdict.sim = sim
     return verdict
 
@@ -720,7 +715,7 @@ FINDING_1 = Spec(
 
 
 def test_finding_staleness_after_transient_failure_is_bounded_by_w_plus_eps() -> None:
-    verdict = simulate(FINDING_1, strict=True)
+    verdict = simulate(FINDING_1)
     print(f"\n[finding-1] {verdict.violations}")
     assert not verdict.violations, verdict.violations
 

@@ -51,7 +51,6 @@ class CubeJobsClient:
         self._http = http or httpx.Client()
         self._sleep = sleep
         self._now_ms = now_ms
-        self.requests_sent = 0
 
     def token_for(self, tenant_id: str) -> str:
         now = int(self._now_ms() / 1000)
@@ -63,11 +62,6 @@ class CubeJobsClient:
         for selector in selectors:
             tokens.extend(self._post(tenant_id, {"action": "post", "selector": dict(selector)}, deadline_ms))
         return tokens
-
-    def job_status(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, Any]:
-        body = {"action": "get", "resType": "object", "tokens": list(tokens)}
-        result = self._post(tenant_id, body, deadline_ms)
-        return result if isinstance(result, dict) else {}
 
     def _post(self, tenant_id: str, body: dict[str, Any], deadline_ms: int) -> Any:
         try:
@@ -83,7 +77,6 @@ class CubeJobsClient:
                 raise CubeTimeout("no time left before the function's deadline")
             timeout = min(self.timeout_ms, remaining) / 1000
             try:
-                self.requests_sent += 1
                 response = self._http.post(self.url, content=payload, headers=headers, timeout=timeout)
                 error = self._error_for(response)
                 if error is None:

@@ -34,9 +34,6 @@ class EntityCubeMap:
     def entity_types(self) -> list[str]:
         return sorted(self._routes)
 
-    def as_dict(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in self._routes.items()}
-
 
 def build_selectors(targets: Sequence[str], tenant_id: str, timezones: Sequence[str]) -> list[dict[str, object]]:
     """Cube job selectors for one tenant. Cube ANDs the selector's filters, so cube names and
