@@ -138,8 +138,17 @@ class Stack:
         self.state = self.root / ".stack"
         self.logs = self.state / "logs"
         self.pids = self.state / "pids"
-        self.pg_dir = self.state / "pg"
+        self.pg_dir = self._pg_home()
         self.pg_data = self.pg_dir / "data"
+
+    def _pg_home(self) -> Path:
+        """Where the cluster lives. As root, PostgreSQL runs as another user, who may not be able to
+        enter the checkout (a clone under a 0700 `mktemp -d` folder, say): the cluster then goes to
+        a folder of its own under /var/tmp, one per checkout."""
+        if os.geteuid() != 0:
+            return self.state / "pg"
+        digest = hashlib.sha256(str(self.state).encode()).hexdigest()[:12]
+        return Path("/var/tmp/preagg-devstack") / digest / "pg"
 
     # ---------------------------------------------------------------- public API
 
@@ -160,8 +169,11 @@ class Stack:
         with self._locked():
             for name in reversed(SERVICES):
                 self._stop(name)
-        if purge and self.state.exists():
-            shutil.rmtree(self.state)
+        if purge:
+            if self.pg_dir.exists() and not self.pg_dir.is_relative_to(self.state):
+                shutil.rmtree(self.pg_dir.parent)
+            if self.state.exists():
+                shutil.rmtree(self.state)
 
     def start_service(self, name: str, timeout: float = 120.0) -> None:
         """(Re)start one stopped service, e.g. Cube after a test stopped it."""
