@@ -70,20 +70,20 @@ _SECRET_PROBES = [
 
 # parameter -> (what AWS accepts, probe values, source)
 AWS_RANGES: dict[str, tuple[Callable[[str], bool], list[str], str]] = {
-    "BatchSize": (between(1, 10000), edges(1, 10000), "Lambda docs: msk-esm-parameters"),
-    "MaximumBatchingWindowInSeconds": (between(0, 300), edges(0, 300), "Lambda API: MaximumBatchingWindowInSeconds"),
-    "MinimumPollers": (between(1, 200), edges(1, 200), "Lambda API: ProvisionedPollerConfig"),
-    "MaximumPollers": (between(1, 2000), edges(1, 2000), "Lambda API: ProvisionedPollerConfig"),
-    "MaximumRetryAttempts": (between(-1, 10000), edges(-1, 10000), "Lambda docs: kafka-retry-configurations"),
+    "BatchSize": (between(1, 10000), edges(1, 10000), "1..10000 (Lambda docs: msk-esm-parameters)"),
+    "MaximumBatchingWindowInSeconds": (between(0, 300), edges(0, 300), "0..300 (Lambda API: MaximumBatchingWindowInSeconds)"),
+    "MinimumPollers": (between(1, 200), edges(1, 200), "1..200 (Lambda API: ProvisionedPollerConfig)"),
+    "MaximumPollers": (between(1, 2000), edges(1, 2000), "1..2000 (Lambda API: ProvisionedPollerConfig)"),
+    "MaximumRetryAttempts": (between(-1, 10000), edges(-1, 10000), "-1..10000 (Lambda docs: kafka-retry-configurations)"),
     "MaximumRecordAgeInSeconds": (
         lambda v: v == "-1" or between(60, 604800)(v),
         ["-2", "-1", "0", "1", "59", "60", "61", "86400", "604799", "604800", "604801"],
-        "Lambda docs: kafka-retry-configurations (-1, or 60..604800)",
+        "-1 or 60..604800 (Lambda docs: kafka-retry-configurations)",
     ),
-    "FunctionMemoryMb": (between(128, 10240), edges(128, 10240), "Lambda docs: configuration-memory"),
-    "KafkaTopic": (lambda v: _TOPIC.fullmatch(v) is not None, _TOPIC_PROBES, "Lambda API: Topics"),
-    "DeadLetterTopic": (lambda v: _TOPIC.fullmatch(v) is not None, _TOPIC_PROBES, "Lambda API: OnFailure"),
-    "CubeApiSecretArn": (lambda v: _SECRET.fullmatch(v) is not None, _SECRET_PROBES, "Secrets Manager: full ARN"),
+    "FunctionMemoryMb": (between(128, 10240), edges(128, 10240), "128..10240 MB (Lambda docs: configuration-memory)"),
+    "KafkaTopic": (lambda v: _TOPIC.fullmatch(v) is not None, _TOPIC_PROBES, "Kafka topic names (Lambda API: Topics)"),
+    "DeadLetterTopic": (lambda v: _TOPIC.fullmatch(v) is not None, _TOPIC_PROBES, "the kafka:// destination pattern (Lambda API: OnFailure)"),
+    "CubeApiSecretArn": (lambda v: _SECRET.fullmatch(v) is not None, _SECRET_PROBES, "full secret ARNs, which the IAM statement needs"),
 }
 
 
@@ -129,9 +129,9 @@ def check_aws_ranges(params: dict[str, Any]) -> tuple[int, list[str]]:
             probes += 1
             template_accepts = not violations(spec, value)
             if template_accepts and not aws_accepts(value):
-                errors.append(f"{name}={value!r}: the template accepts it, AWS rejects it ({source})")
+                errors.append(f"{name}={value!r}: the template accepts it, but it is outside {source}")
             elif aws_accepts(value) and not template_accepts:
-                errors.append(f"{name}={value!r}: AWS accepts it, the template rejects it ({source})")
+                errors.append(f"{name}={value!r}: the template rejects it, but it is within {source}")
     return probes, errors
 
 
