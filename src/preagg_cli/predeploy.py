@@ -33,7 +33,7 @@ from typing import Any, Protocol, TextIO
 EXIT_OK, EXIT_CHANGED, EXIT_USAGE = 0, 1, 2
 PROCEDURE = "docs/deploy.md section 7 (remove the Kafka event, deploy, add it back, deploy)"
 # template parameter -> how to read the same setting from get_event_source_mapping's answer
-FIXED_PARAMETERS = ("KafkaTopic", "StartingPosition", "ConsumerGroupId", "MskClusterArn")
+FIXED_PARAMETERS = ("KafkaSource", "KafkaTopic", "StartingPosition", "ConsumerGroupId", "MskClusterArn")
 
 
 class CloudFormation(Protocol):
@@ -88,9 +88,9 @@ def _deployed_stack(cfn: CloudFormation, stack: str) -> Mapping[str, Any] | None
 
 def _mapping_settings(mapping: Mapping[str, Any]) -> dict[str, str]:
     """The fixed settings of a deployed mapping, under the template's parameter names."""
-    group = (mapping.get("AmazonManagedKafkaEventSourceConfig") or mapping.get("SelfManagedKafkaEventSourceConfig") or {}).get(
-        "ConsumerGroupId"
-    )
+    group = (
+        mapping.get("AmazonManagedKafkaEventSourceConfig") or mapping.get("SelfManagedKafkaEventSourceConfig") or {}
+    ).get("ConsumerGroupId")
     found = {
         "KafkaTopic": ",".join(mapping.get("Topics", [])),
         "StartingPosition": mapping.get("StartingPosition"),

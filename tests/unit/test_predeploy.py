@@ -6,7 +6,9 @@ from pathlib import Path
 from preagg_cli import predeploy
 
 ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = "arn:aws:kafka:eu-west-1:111111111111:cluster/REPLACE-ME-dev-core-events/00000000-0000-0000-0000-000000000000-1"
+CLUSTER = (
+    "arn:aws:kafka:eu-west-1:111111111111:cluster/REPLACE-ME-dev-core-events/00000000-0000-0000-0000-000000000000-1"
+)
 
 
 class FakeCfn:
