@@ -119,12 +119,13 @@ class Demo:
     def play(self, name: str, blurb: str) -> list[str]:
         """Play one MSK sample; return the pk of every key that was debounced."""
         from handler.domain.decode import decode_msk_event  # noqa: PLC0415
+        from handler.wiring import now_ms  # noqa: PLC0415
 
         self.step += 1
         event = json.loads((EVENTS / name).read_text())
         say()
         say(f"{self.step}) events/{name}: {blurb}")
-        batch = decode_msk_event(event)
+        batch = decode_msk_event(event, now_ms=now_ms())
         routes = self.settings.entity_cube_map
         unmapped = sorted({m.entity_type for _, m in batch.mutations if not routes.targets_for(m.entity_type)})
         say(

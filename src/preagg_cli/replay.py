@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,6 +245,7 @@ class ReplayPlan:
 
 def plan(records: Iterable[KafkaRecord], routes: EntityCubeMap) -> ReplayPlan:
     """Decode every record (as the function would) and count what a replay would touch."""
+    now = time.time_ns() // 1_000_000
     seen: set[RecordRef] = set()
     ordered = sorted(records, key=lambda r: (r["topic"], r["partition"], r["offset"]))
     result = ReplayPlan(records=[])
@@ -253,7 +255,7 @@ def plan(records: Iterable[KafkaRecord], routes: EntityCubeMap) -> ReplayPlan:
             result.duplicates += 1
             continue
         seen.add(ref)
-        decoded = decode_value(ref, record.get("value"))
+        decoded = decode_value(ref, record.get("value"), now_ms=now)
         if isinstance(decoded, InvalidRecord):
             result.invalid.append(decoded)
             continue
