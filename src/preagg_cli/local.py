@@ -267,13 +267,17 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
     # The function's JSON logs would come before the human output: keep them, print them after.
     logs = io.StringIO()
     handler = logger.registered_handler
+    stream = handler.stream if isinstance(handler, logging.StreamHandler) else None
     if isinstance(handler, logging.StreamHandler):
-        handler.setStream(logs)
+        handler.stream = logs  # not setStream: it flushes the old stream, which may be closed by now
     try:
         response = app.handle(event, _Context(), service=service)  # type: ignore[arg-type]
     except Exception as exc:
         where = "; is the local stack up? `make stack-status`" if use_stack else ""
         raise InputError(f"the handler failed: {type(exc).__name__}: {exc}{where}") from None
+    finally:
+        if isinstance(handler, logging.StreamHandler):
+            handler.stream = stream
     print("Lambda response:", file=out)
     print(json.dumps(response, indent=2), file=out)
     if kind == "sqs":
