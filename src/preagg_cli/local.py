@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -17,7 +18,7 @@ import re
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -222,6 +223,21 @@ def _describe(outcomes: list[Any], out: TextIO) -> None:
         print(f"  {key.key.pk:<28} {key.status:<11} {detail}{jobs}".rstrip(), file=out)
 
 
+@contextlib.contextmanager
+def _function_logs(handler: logging.Handler) -> Iterator[io.StringIO]:
+    """The function's JSON logs would come before the human output: keep them, to print after it."""
+    logs = io.StringIO()
+    if not isinstance(handler, logging.StreamHandler):
+        yield logs
+        return
+    stream = handler.stream
+    handler.stream = logs  # not setStream: it flushes the old stream, which may be closed by now
+    try:
+        yield logs
+    finally:
+        handler.stream = stream
+
+
 def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
     """Run the handler on an event file. InputError (exit 2) for a bad file, event or setting, or a
     stopped stack."""
@@ -264,20 +280,12 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
             settings.entity_cube_map, debouncer, cube, CountingTelemetry(), clock, settings.cube_timezones
         )
         service.outcomes = []
-    # The function's JSON logs would come before the human output: keep them, print them after.
-    logs = io.StringIO()
-    handler = logger.registered_handler
-    stream = handler.stream if isinstance(handler, logging.StreamHandler) else None
-    if isinstance(handler, logging.StreamHandler):
-        handler.stream = logs  # not setStream: it flushes the old stream, which may be closed by now
-    try:
-        response = app.handle(event, _Context(), service=service)  # type: ignore[arg-type]
-    except Exception as exc:
-        where = "; is the local stack up? `make stack-status`" if use_stack else ""
-        raise InputError(f"the handler failed: {type(exc).__name__}: {exc}{where}") from None
-    finally:
-        if isinstance(handler, logging.StreamHandler):
-            handler.stream = stream
+    with _function_logs(logger.registered_handler) as logs:
+        try:
+            response = app.handle(event, _Context(), service=service)  # type: ignore[arg-type]
+        except Exception as exc:
+            where = "; is the local stack up? `make stack-status`" if use_stack else ""
+            raise InputError(f"the handler failed: {type(exc).__name__}: {exc}{where}") from None
     print("Lambda response:", file=out)
     print(json.dumps(response, indent=2), file=out)
     if kind == "sqs":

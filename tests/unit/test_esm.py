@@ -44,9 +44,7 @@ class FakeFunction:
         bad = [ref for ref in refs if ref in self.poison]
         if bad and self.raise_on_poison:
             raise FunctionError("boom")
-        return {
-            "batchItemFailures": [{"itemIdentifier": {"partition": f"{TOPIC}-{p}", "offset": o}} for p, o in bad]
-        }
+        return {"batchItemFailures": [{"itemIdentifier": {"partition": f"{TOPIC}-{p}", "offset": o}} for p, o in bad]}
 
 
 def mapping(function, dead, retries=3, bisect=True):

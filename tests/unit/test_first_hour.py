@@ -42,7 +42,7 @@ def test_make_event_output_under_events_local_is_not_a_sample_event(monkeypatch,
 
 def test_make_event_bad_input_exits_2_and_leaves_no_file(tmp_path, monkeypatch, capsys):
     target = tmp_path / "mine.json"
-    code, out, err = run_local(["make-event", "-o", str(target)], monkeypatch, capsys, "{not json\n")
+    code, _, err = run_local(["make-event", "-o", str(target)], monkeypatch, capsys, "{not json\n")
     assert code == 2
     assert not target.exists()
     assert err.count("\n") == 1 and "stdin line 1: not JSON" in err
@@ -93,7 +93,7 @@ def test_local_invoke_bad_setting_is_one_line_naming_the_variable():
 def test_local_invoke_stack_when_the_stack_is_down_says_so(tmp_path, monkeypatch, capsys):
     real = devstack.Stack
     monkeypatch.setattr(devstack, "Stack", lambda: real(tmp_path))
-    code, out, err = run_local(["invoke", str(EVENTS / "user-updated.json"), "--stack"], monkeypatch, capsys)
+    code, _, err = run_local(["invoke", str(EVENTS / "user-updated.json"), "--stack"], monkeypatch, capsys)
     assert code == 2
     assert "the local stack is not running: start it with `make stack-start`" in err
 
