@@ -290,8 +290,9 @@ class Function:
     Returns the response; raises FunctionError for what Lambda would report as a function error."""
 
     def __init__(self, environ: Mapping[str, str], journal: Path) -> None:
-        for name, value in environ.items():
-            os.environ.setdefault(name, value)
+        # The stack's values win over the inherited environment (which may point elsewhere); settings the
+        # stack does not set (CUBE_PREAGG_DEBOUNCE_MS, ENTITY_CUBE_MAP, ...) are taken from it.
+        os.environ.update(environ)
         os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
         os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "preagg-refresh")
@@ -356,6 +357,9 @@ def _run_kafka(
             # The local topic is empty at every start, so TRIM_HORIZON and LATEST differ only in what a
             # producer sent while the group was joining: start from the earliest offset to lose none.
             "auto.offset.reset": "earliest",
+            # A member that died without leaving frees its partitions after 6 s, not the default 45 s.
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
         }
     )
     producer = Producer({"bootstrap.servers": bootstrap})
@@ -401,7 +405,8 @@ def _run_kafka(
                 offsets=[TopicPartition(settings.topic, p, end) for p, end in ends.items()], asynchronous=False
             )
     finally:
-        consumer.close()
+        consumer.close()  # leaves the group: a new member gets the partitions at once
+        print(f"{time.strftime('%H:%M:%S')} kafka: consumer closed", flush=True)
 
 
 def _run_sqs(settings: EventSources, environ: Mapping[str, str], function: Function, stop: threading.Event) -> None:
@@ -477,6 +482,7 @@ def main(argv: list[str]) -> int:
     for thread in threads:
         thread.join(timeout=10)
     status.unlink(missing_ok=True)
+    print(f"{time.strftime('%H:%M:%S')} event sources stopped", flush=True)
     return 0
 
 
