@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devstack import _proc
-from devstack.template import debounce_table_spec, event_sources
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -593,6 +592,8 @@ class Stack:
             if current != secret:
                 sm.put_secret_value(SecretId=CUBE_SECRET_NAME, SecretString=secret)
         sqs: SQSClient = self._aws("sqs", port)
+        from devstack.template import event_sources  # noqa: PLC0415 - PyYAML: status/stop run without .venv
+
         # As template.yaml sets the trailing queue: visibility timeout and redrive to the DLQ.
         sources = event_sources(self.root / "template.yaml")
         dlq_url = sqs.create_queue(QueueName=REFRESH_DLQ_NAME)["QueueUrl"]
@@ -609,6 +610,8 @@ class Stack:
         ddb: DynamoDBClient = self._aws("dynamodb", port)
         if DEBOUNCE_TABLE_NAME in ddb.list_tables()["TableNames"]:
             return
+        from devstack.template import debounce_table_spec  # noqa: PLC0415
+
         spec = debounce_table_spec(self.root / "template.yaml")
         kwargs: dict[str, Any] = {
             "TableName": DEBOUNCE_TABLE_NAME,
