@@ -139,8 +139,15 @@ def event_sources(template_path: Path) -> EventSources:
         r for r in resources.values() if isinstance(r, dict) and r.get("Type") == "AWS::Serverless::Function"
     )
     events = function["Properties"]["Events"]
-    kafka = next(e["Properties"] for e in events.values() if e.get("Type") == "MSK")
     sqs = next(e["Properties"] for e in events.values() if e.get("Type") == "SQS")
+    # The Kafka trigger: a SAM MSK / SelfManagedKafka event, or a plain mapping with Topics.
+    kafka_events = [e["Properties"] for e in events.values() if e.get("Type") in ("MSK", "SelfManagedKafka")]
+    mappings = [
+        r["Properties"]
+        for r in resources.values()
+        if isinstance(r, dict) and r.get("Type") == "AWS::Lambda::EventSourceMapping" and "Topics" in r["Properties"]
+    ]
+    kafka = (kafka_events or mappings)[0]
 
     def ref(props: dict[str, Any], key: str, default: Any = None) -> Any:
         return _resolve(props.get(key, default), parameters, key)
@@ -151,7 +158,7 @@ def event_sources(template_path: Path) -> EventSources:
     return EventSources(
         topic=str(_resolve(kafka["Topics"][0], parameters, "Topics")),
         dead_letter_topic=str(dead_letter),
-        consumer_group=str(ref(kafka, "ConsumerGroupId")),
+        consumer_group=str(parameters.get("ConsumerGroupId", {}).get("Default", "preagg-refresh")),
         starting_position=str(ref(kafka, "StartingPosition")),
         batch_size=int(ref(kafka, "BatchSize", 100)),
         batching_window_s=float(ref(kafka, "MaximumBatchingWindowInSeconds", 0.5)),
