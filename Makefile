@@ -42,9 +42,10 @@ invoke: venv ## run the handler on EVENT with in-memory stand-ins (STACK=1: agai
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
 	$(PY) -m devstack.demo
 
-bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
+bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, deadline bound, with baselines
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
+	$(PY) bench/bench_deadline.py
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start

@@ -2,12 +2,13 @@
 
 import pytest
 
+from handler.adapters.memory import InMemoryDebounceStore, RecordingCube
 from handler.domain.decode import decode_msk_event
 from handler.domain.errors import CubeRejected, CubeUnreachable
 from handler.domain.model import RecordRef
 from handler.domain.service import serial_map
 from handler.wiring import ThreadMap
-from tests.builders import Rig, msk_event, mutation
+from tests.builders import FakeClock, Rig, msk_event, mutation
 
 TENANTS = ["tenant-1", "tenant-2", "tenant-3"]
 TYPES = ["User", "Tenant", "Group"]
@@ -103,3 +104,73 @@ def test_service_trailing_refresh_posts_once_per_tenant():
     assert not outcome.failed
     assert len(rig.cube.requests) == 6
     assert rig.telemetry.counts["TrailingFired"] == 9
+
+
+class SlowStore(InMemoryDebounceStore):
+    """Every conditional write takes `write_ms` of the fake clock (a slow or throttled table)."""
+
+    def __init__(self, clock, write_ms: int) -> None:
+        super().__init__()
+        self.clock, self.write_ms = clock, write_ms
+
+    def claim(self, key, **kw):
+        self.clock.advance(self.write_ms)
+        return super().claim(key, **kw)
+
+    def release(self, key, **kw):
+        self.clock.advance(self.write_ms)
+        return super().release(key, **kw)
+
+
+class SlowCube(RecordingCube):
+    def __init__(self, clock, call_ms: int, *, down: bool) -> None:
+        super().__init__()
+        self.clock, self.call_ms, self.down = clock, call_ms, down
+
+    def trigger(self, tenant_id, selectors, *, deadline_ms):
+        self.clock.advance(self.call_ms)
+        assert self.clock.now <= deadline_ms
+        if self.down:
+            return [CubeUnreachable("down") for _ in selectors]
+        return super().trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+
+
+@pytest.mark.parametrize("cube_down", [False, True], ids=["cube-up", "cube-down"])
+def test_service_10000_tenants_with_60s_left_stop_claiming_in_time_report_the_rest_and_release_every_claim(cube_down):
+    """Issue 12.7: 10,000 distinct tenants at 10 ms per write would take 100 s of claims alone; the
+    batch must end by its deadline, report every record it did not refresh, and leave no claim."""
+    clock = FakeClock()
+    store = SlowStore(clock, write_ms=10)
+    cube = SlowCube(clock, call_ms=10, down=cube_down)
+    rig = Rig(clock=clock, store=store, cube=cube)
+    batch = decode_msk_event(
+        msk_event(*[mutation(f"t{i}", entity_id=f"u{i}") for i in range(10_000)], partitions=1), now_ms=clock.now
+    )
+    start = clock.now
+    deadline = start + 60_000
+    outcome = rig.service.process_mutations(batch.mutations, deadline_ms=deadline)
+    assert clock.now <= deadline, f"ran {clock.now - start} ms against 60,000 ms"
+    refreshed = outcome.by_status("refreshed")
+    assert len(refreshed) + len(outcome.by_status("failed")) == 10_000
+    assert len(outcome.failed) == 10_000 - len(refreshed)  # every record not refreshed is reported
+    assert len(cube.requests) < 10_000  # it stopped starting work
+    if cube_down:
+        assert refreshed == []
+    else:
+        assert len(refreshed) >= 1_000
+    assert all(state.claim_token is None for key, state in store.items.items() if key not in {k.key for k in refreshed})
+
+
+def test_service_trailing_refreshes_with_no_time_left_are_reported_without_any_write():
+    rig = Rig()
+    run(rig, burst(9))
+    rig.clock.advance(1_000)
+    run(rig, burst(9))
+    rig.clock.advance(29_000)
+    due = rig.scheduler.due(rig.clock.now)
+    writes, requests = rig.store.writes, len(rig.cube.requests)
+    outcome = rig.service.process_trailing(
+        [(RecordRef("sqs", i), m) for i, m in enumerate(due)], deadline_ms=rig.clock.now
+    )
+    assert outcome.failed == {RecordRef("sqs", i) for i in range(len(due))}
+    assert (rig.store.writes, len(rig.cube.requests)) == (writes, requests)

@@ -50,11 +50,20 @@ class CubeUnreachable(CubeError):
     error_class = "connection"
 
 
+class CubeNotSent(CubeTimeout):
+    """The request was not sent: the function's deadline is near (its claim is released)."""
+
+
 class CubeSecretUnavailable(CubeError):
     """The Cube API secret could not be read (Secrets Manager denied, throttled or unreachable):
     no request was sent. The message names the cause, never the secret."""
 
     error_class = "secret"
+
+
+class OutOfTime(Exception):
+    """The function's deadline is near: this work was not started, its records are reported so
+    that the source retries them."""
 
 
 class StoreUnavailable(Exception):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
-from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
+from handler.domain.errors import CubeError, CubeNotSent, OutOfTime, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
 from handler.domain.ports import Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
@@ -49,6 +49,23 @@ class Mapper(Protocol):
 
 def serial_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     return [fn(item) for item in items]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How a batch spends the time to its deadline, so that the bound holds however slow each call
+    is: conditional writes (claims) start only in the first third, Cube requests only until two
+    thirds, and the rest is left for releasing what Cube did not take (a release is one write, like
+    a claim, so it needs no more time than the claims took)."""
+
+    claims_until: int
+    cube_until: int
+    deadline: int
+
+    @classmethod
+    def split(cls, now: int, deadline_ms: int) -> Budget:
+        span = max(0, deadline_ms - now)
+        return cls(now + span // 3, now + 2 * span // 3, deadline_ms)
 
 
 @dataclass(slots=True)
@@ -115,18 +132,22 @@ class RefreshService:
         self.telemetry.count("KeysCoalesced", len(groups))
 
         outcome = Outcome()
+        budget = Budget.split(self.clock.now_ms(), deadline_ms)
         claims: dict[str, list[Claim]] = defaultdict(list)
-        for key, decision in self._decide_all([(k, groups[k].oldest_event_ms) for k in sorted(groups)]):
+        decisions = self._decide_all([(k, groups[k].oldest_event_ms) for k in sorted(groups)], budget)
+        for key, decision in decisions:
             if isinstance(decision, Exception):
-                log.warning("debounce decision failed", extra={"key": key.pk, "error": str(decision)})
+                if not isinstance(decision, OutOfTime):
+                    log.warning("debounce decision failed", extra={"key": key.pk, "error": str(decision)})
                 outcome.failed.update(groups[key].refs)
                 outcome.keys.append(KeyOutcome(key, "failed", type(decision).__name__))
             elif isinstance(decision, Claim):
                 claims[key.tenant_id].append(decision)
             else:
                 self._debounced(decision, outcome)
+        self._log_out_of_time(decisions)
 
-        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        ok_keys = self._refresh_all(claims, budget, outcome)
         for tenant_claims in claims.values():
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
@@ -134,16 +155,27 @@ class RefreshService:
         return outcome
 
     def _decide_all(
-        self, keys: Sequence[tuple[RefreshKey, int]], *, force: bool = False
+        self, keys: Sequence[tuple[RefreshKey, int]], budget: Budget, *, force: bool = False
     ) -> list[tuple[RefreshKey, Claim | Debounced | Exception]]:
         def decide(item: tuple[RefreshKey, int]) -> tuple[RefreshKey, Claim | Debounced | Exception]:
             key, oldest = item
+            if self.clock.now_ms() >= budget.claims_until:
+                return key, OutOfTime("not started: the function's deadline is near")
             try:
                 return key, self.debouncer.decide(key, oldest, force=force)
             except (StoreUnavailable, SchedulerUnavailable) as exc:
                 return key, exc
 
         return self._map(decide, keys)
+
+    @staticmethod
+    def _log_out_of_time(decisions: Sequence[tuple[RefreshKey, object]]) -> None:
+        skipped = sum(1 for _, d in decisions if isinstance(d, OutOfTime))
+        if skipped:
+            log.warning(
+                "deadline near: keys not started, their records are reported for retry",
+                extra={"keys_not_started": skipped, "keys": len(decisions)},
+            )
 
     def _debounced(self, decision: Debounced, outcome: Outcome) -> None:
         self.telemetry.count("Debounced")
@@ -155,9 +187,13 @@ class RefreshService:
     # -- trailing refreshes ------------------------------------------------------------------
     def process_trailing(self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int) -> Outcome:
         outcome = Outcome()
+        budget = Budget.split(self.clock.now_ms(), deadline_ms)
         claims: dict[str, list[Claim]] = defaultdict(list)
         refs: dict[RefreshKey, list[tuple[RecordRef, TrailingMessage]]] = defaultdict(list)
         for ref, message in messages:
+            if self.clock.now_ms() >= budget.claims_until:
+                outcome.failed.add(ref)  # not started: SQS delivers it again
+                continue
             try:
                 result = self.debouncer.fire(message)
             except (StoreUnavailable, SchedulerUnavailable) as exc:
@@ -174,7 +210,7 @@ class RefreshService:
         fired = sum(len(c) for c in claims.values())
         if fired:
             self.telemetry.count("TrailingFired", fired)
-        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        ok_keys = self._refresh_all(claims, budget, outcome)
         for tenant_claims in claims.values():
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
@@ -203,32 +239,44 @@ class RefreshService:
         """Refresh a tenant's targets as if a mutation arrived now (`force`: ignore the window)."""
         outcome = Outcome()
         now = self.clock.now_ms()
+        budget = Budget.split(now, deadline_ms)
         claims: list[Claim] = []
         keys = [(RefreshKey(tenant_id, target), now) for target in sorted(set(targets))]
-        for key, decision in self._decide_all(keys, force=force):
+        for key, decision in self._decide_all(keys, budget, force=force):
             if isinstance(decision, Exception):
                 outcome.keys.append(KeyOutcome(key, "failed", str(decision)))
             elif isinstance(decision, Claim):
                 claims.append(decision)
             else:
                 self._debounced(decision, outcome)
-        self._refresh_all({tenant_id: claims} if claims else {}, deadline_ms, outcome)
+        self._refresh_all({tenant_id: claims} if claims else {}, budget, outcome)
         return outcome
 
     # -- the one place Cube is called --------------------------------------------------------
-    def _refresh_all(self, claims: dict[str, list[Claim]], deadline_ms: int, outcome: Outcome) -> set[RefreshKey]:
-        """One Cube request per tenant (spread by the mapper), then the bookkeeping in order."""
+    def _refresh_all(self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome) -> set[RefreshKey]:
+        """One Cube request per tenant (spread by the mapper), then the bookkeeping in order, then
+        the releases of what Cube did not take (spread too: there may be thousands)."""
 
         def call(tenant_id: str) -> tuple[list[Selector], list[CubeAnswer], int]:
             selectors = build_selectors([c.key.target for c in claims[tenant_id]], tenant_id, self.timezones)
             started = self.clock.now_ms()
-            answers = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+            if started >= budget.cube_until:
+                late = CubeNotSent("not sent: the function's deadline is near")
+                return selectors, [late for _ in selectors], 0
+            answers = self.cube.trigger(tenant_id, selectors, deadline_ms=budget.cube_until)
             return selectors, answers, self.clock.now_ms() - started
 
         tenants = sorted(claims)
         ok: set[RefreshKey] = set()
+        unsent = 0
         for tenant_id, (selectors, answers, latency) in zip(tenants, self._map(call, tenants), strict=True):
+            unsent += sum(1 for a in answers if isinstance(a, CubeNotSent))
             ok |= self._settle(tenant_id, claims[tenant_id], selectors, answers, latency, outcome)
+        if unsent:
+            log.warning("deadline near: Cube requests not sent, claims released", extra={"selectors_not_sent": unsent})
+        released = self._map(self._release, [c for tenant in tenants for c in claims[tenant] if c.key not in ok])
+        if any(released):
+            self.telemetry.count("ClaimsReleased", sum(released))
         return ok
 
     def _settle(  # noqa: PLR0917
@@ -246,7 +294,8 @@ class RefreshService:
         errors: dict[RefreshKey, CubeError] = {}
         for selector, answer in zip(selectors, answers, strict=True):
             if isinstance(answer, CubeError):
-                self._log_cube_error(tenant_id, selector, answer)
+                if not isinstance(answer, CubeNotSent):
+                    self._log_cube_error(tenant_id, selector, answer)
                 for key in selector.keys:
                     # A 4xx decides: retrying the key cannot help while one of its selectors is refused.
                     if key not in errors or not answer.retryable:
@@ -259,8 +308,7 @@ class RefreshService:
         refreshed: list[Claim] = []
         for claim in claims:
             error = errors.get(claim.key)
-            if error is not None:
-                self._release(claim)
+            if error is not None:  # released by the caller, with the others
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{error.error_class}: {error}"))
                 outcome.errors[claim.key] = error
                 continue
@@ -304,12 +352,10 @@ class RefreshService:
             # Harmless: the trailing record stays `running` and the next mutation replaces it.
             log.warning("trailing refresh bookkeeping failed", extra={"key": claim.key.pk, "error": str(exc)})
 
-    def _release(self, claim: Claim) -> None:
+    def _release(self, claim: Claim) -> bool:
         try:
-            released = self.debouncer.release(claim)
+            return self.debouncer.release(claim)
         except StoreUnavailable as exc:
             # The claim stays; its window ends on its own and the redelivered records re-mark the key.
             log.error("claim release failed", extra={"key": claim.key.pk, "error": str(exc)})
-            return
-        if released:
-            self.telemetry.count("ClaimsReleased")
+            return False
