@@ -91,13 +91,18 @@ def test_service_staleness_is_measured_from_the_oldest_mutation():
     assert rig.telemetry.timings["RefreshStaleness"] == [4_000]
 
 
-def test_service_trailing_refresh_posts_once_per_tenant():
-    rig = Rig()
+def due_trailing_refreshes(rig: Rig) -> list:
+    """9 keys refreshed, then debounced inside the window: their trailing refreshes, now due."""
     run(rig, burst(9))
     rig.clock.advance(1_000)
     run(rig, burst(9))
     rig.clock.advance(29_000)
-    due = rig.scheduler.due(rig.clock.now)
+    return rig.scheduler.due(rig.clock.now)
+
+
+def test_service_trailing_refresh_posts_once_per_tenant():
+    rig = Rig()
+    due = due_trailing_refreshes(rig)
     outcome = rig.service.process_trailing(
         [(RecordRef("sqs", i), m) for i, m in enumerate(due)], deadline_ms=rig.deadline
     )
@@ -163,11 +168,7 @@ def test_service_10000_tenants_with_60s_left_stop_claiming_in_time_report_the_re
 
 def test_service_trailing_refreshes_with_no_time_left_are_reported_without_any_write():
     rig = Rig()
-    run(rig, burst(9))
-    rig.clock.advance(1_000)
-    run(rig, burst(9))
-    rig.clock.advance(29_000)
-    due = rig.scheduler.due(rig.clock.now)
+    due = due_trailing_refreshes(rig)
     writes, requests = rig.store.writes, len(rig.cube.requests)
     outcome = rig.service.process_trailing(
         [(RecordRef("sqs", i), m) for i, m in enumerate(due)], deadline_ms=rig.clock.now
