@@ -117,7 +117,7 @@ wrong = [p for p in pycs if not p.name.endswith(f".{tag}.pyc") or p.read_bytes()
 sources = [p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts]
 missing = [s for s in sources if not (s.parent / "__pycache__" / f"{s.stem}.{tag}.pyc").exists()]
 for p in wrong[:5]:
-    print(f"FAIL: {p.relative_to(pkg)} is not CPython {tag} bytecode (magic {p.read_bytes()[:4].hex()}, want {importlib.util.MAGIC_NUMBER.hex()})", file=sys.stderr)
+    print(f"FAIL: {p.relative_to(pkg)} is not {tag} bytecode (magic {p.read_bytes()[:4].hex()}, want {importlib.util.MAGIC_NUMBER.hex()})", file=sys.stderr)
 for s in missing[:5]:
     print(f"FAIL: {s.relative_to(pkg)} ships without {tag} bytecode", file=sys.stderr)
 if wrong or missing or not pycs:
