@@ -47,6 +47,7 @@ PG_USER = "cube"
 PG_DATABASE = "cube"
 DEBOUNCE_TABLE_NAME = "preagg-refresh-debounce"
 REFRESH_QUEUE_NAME = "preagg-refresh-trailing"
+BUILD_DEAD_LETTER_QUEUE_NAME = "preagg-refresh-trailing-dlq"
 CUBE_SECRET_NAME = "preagg-refresh/cube-api-secret"  # noqa: S105 - a name, not a secret
 # moto draws the random suffix of secret ARNs from a seedable generator: seeding it before the
 # secret is created keeps CUBE_API_SECRET_ARN the same across moto restarts.
@@ -79,6 +80,7 @@ class StackEnv:
     cube_api_secret_arn: str
     debounce_table_name: str
     refresh_queue_url: str
+    build_dead_letter_queue_url: str
     aws_endpoint_url_dynamodb: str
     aws_endpoint_url_secretsmanager: str
     # What boto3 itself reads: the variable is named after the service id "Secrets Manager", so the
@@ -533,6 +535,7 @@ class Stack:
                 sm.put_secret_value(SecretId=CUBE_SECRET_NAME, SecretString=secret)
         sqs: SQSClient = self._aws("sqs", port)
         sqs.create_queue(QueueName=REFRESH_QUEUE_NAME)
+        sqs.create_queue(QueueName=BUILD_DEAD_LETTER_QUEUE_NAME)
 
     def _provision_dynalite(self) -> None:
         port = self._ports()["dynalite"]
@@ -566,9 +569,9 @@ class Stack:
         sm: SecretsManagerClient = self._aws("secretsmanager", self._ports()["moto"])
         return sm.describe_secret(SecretId=CUBE_SECRET_NAME)["ARN"]
 
-    def _queue_url(self) -> str:
+    def _queue_url(self, name: str = REFRESH_QUEUE_NAME) -> str:
         sqs: SQSClient = self._aws("sqs", self._ports()["moto"])
-        return sqs.get_queue_url(QueueName=REFRESH_QUEUE_NAME)["QueueUrl"]
+        return sqs.get_queue_url(QueueName=name)["QueueUrl"]
 
     def _write_env(self) -> StackEnv:
         ports = self._ports()
@@ -578,6 +581,7 @@ class Stack:
             cube_api_secret_arn=self._secret_arn(),
             debounce_table_name=DEBOUNCE_TABLE_NAME,
             refresh_queue_url=self._queue_url(),
+            build_dead_letter_queue_url=self._queue_url(BUILD_DEAD_LETTER_QUEUE_NAME),
             aws_endpoint_url_dynamodb=f"http://127.0.0.1:{ports['dynalite']}",
             aws_endpoint_url_secretsmanager=moto,
             aws_endpoint_url_secrets_manager=moto,

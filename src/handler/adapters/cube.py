@@ -19,6 +19,7 @@ from handler.domain.errors import (
     CubeTimeout,
     CubeUnreachable,
 )
+from handler.domain.ports import JobStatus
 
 TOKEN_TTL_S = 300
 _MAX_ERROR_TEXT = 300
@@ -62,6 +63,21 @@ class CubeJobsClient:
         for selector in selectors:
             tokens.extend(self._post(tenant_id, {"action": "post", "selector": dict(selector)}, deadline_ms))
         return tokens
+
+    def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, JobStatus]:
+        """`{"action": "get", "resType": "object", "tokens": [...]}`: token -> {table, status, selector}
+        (cube-js/cube, packages/cubejs-api-gateway/src/gateway.ts). Unknown tokens come back
+        `not_found`; an answer that is not an object of objects is a server error."""
+        answer = self._post(tenant_id, {"action": "get", "resType": "object", "tokens": list(tokens)}, deadline_ms)
+        if not isinstance(answer, dict):
+            raise CubeServerError("Cube answered a jobs `get` with something other than an object")
+        jobs: dict[str, JobStatus] = {}
+        for token, job in answer.items():
+            if isinstance(job, dict):
+                jobs[str(token)] = JobStatus(
+                    str(job.get("status", "")), _selector_tenants(job.get("selector")), str(job.get("table") or "")
+                )
+        return jobs
 
     def _post(self, tenant_id: str, body: dict[str, Any], deadline_ms: int) -> Any:
         try:
@@ -108,6 +124,17 @@ class CubeJobsClient:
         if status < 500:
             return CubeRejected(f"Cube rejected the request ({status}): {text}", status=status)
         return CubeServerError(f"Cube failed ({status}): {text}", status=status)
+
+
+def _selector_tenants(selector: Any) -> tuple[str, ...]:
+    """The tenant ids of a job's `selector.contexts[].securityContext`, in order."""
+    contexts = selector.get("contexts") if isinstance(selector, dict) else None
+    tenants: list[str] = []
+    for context in contexts if isinstance(contexts, list) else []:
+        security = context.get("securityContext") if isinstance(context, dict) else None
+        tenant = security.get("tenantId") if isinstance(security, dict) else None
+        tenants.append(str(tenant) if tenant is not None else "")
+    return tuple(tenants)
 
 
 def _cube_error_text(response: httpx.Response) -> str:
