@@ -18,7 +18,7 @@ TEMPLATE="${TEMPLATE:-template.yaml}"
 BUILD_DIR="${BUILD_DIR:-.aws-sam/check-build}"
 CACHE_DIR="${CACHE_DIR:-.aws-sam/check-cache}"
 export SAM_CLI_TELEMETRY=0
-# sam validate needs a region to build its translator, never credentials (FIELD-NOTES 3).
+# sam validate needs a region to build its translator, never credentials (docs/msk-event-source.md).
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 
 log() { printf '\n==> %s\n' "$*"; }
@@ -98,7 +98,7 @@ if errors:
 PY
 
 # 1. Translator validation: catches unknown or misspelled event properties and missing required
-#    ones (cfn-lint 1.58 does not look inside MSK event properties, FIELD-NOTES 3). samconfig.toml
+#    ones (cfn-lint 1.58 does not look inside MSK event properties, docs/msk-event-source.md). samconfig.toml
 #    sets `lint = true` for `sam validate`, which would silently turn this run into a second lint
 #    run (observed with SAM CLI 1.170), so it reads an empty config file instead.
 mkdir -p .aws-sam

@@ -26,8 +26,8 @@ from handler.adapters.memory import CountingTelemetry
 from handler.app import handle
 from handler.domain.model import RefreshKey
 from handler.domain.ports import KeyState
-from handler.local import build_msk_event
 from handler.settings import Settings, load_settings
+from preagg_cli.local import build_msk_event
 
 # Every tenant and cube of cube/seed.sql and cube/model.
 TENANTS = ("tenant-a", "tenant-b", "tenant-1", "tenant-2", "tenant-3")
@@ -95,14 +95,14 @@ def cube_api(stack: Stack, stack_env: StackEnv) -> CubeApi:
 
 @pytest.fixture(scope="session")
 def spacer() -> Spacer:
-    """Shared by every build of the session: a tenant's rebuilds stay >1 s apart (FIELD-NOTES 6c)."""
+    """Shared by every build of the session: a tenant's rebuilds stay >1 s apart (docs/cube-jobs-api.md, hazard c)."""
     return Spacer()
 
 
 @pytest.fixture(scope="session")
 def warm_tenants(cube_api: CubeApi, spacer: Spacer) -> None:
     """Build every tenant's pre-aggregations once. The first build into a new tenant schema can race in
-    Cube (FIELD-NOTES 6d: 400 duplicate key pg_namespace_nspname_index); `build` retries that error
+    Cube (docs/cube-jobs-api.md, hazard d: 400 duplicate key pg_namespace_nspname_index); `build` retries that error
     only, so the tests afterwards see the steady state. Any other error fails the session."""
     began = time.monotonic()
     for tenant in TENANTS:
@@ -228,7 +228,7 @@ def mutation(tenant_id: str, entity_type: str = "User", entity_id: str | None = 
 
 
 def msk(*values: Any, start_offset: int | None = None) -> dict[str, Any]:
-    """An MSK event (handler.local.build_msk_event) with fresh offsets and current timestamps."""
+    """An MSK event (preagg_cli.local.build_msk_event) with fresh offsets and current timestamps."""
     offset = start_offset if start_offset is not None else int(time.time() * 1000) % 10**9
     return build_msk_event(list(values), start_offset=offset, timestamp_ms=int(time.time() * 1000))
 

@@ -1,5 +1,5 @@
 """The real race: 8 OS processes call handler.app.handle concurrently on overlapping keys against
-dynalite (atomic per key, unlike moto: FIELD-NOTES 5), a counting Cube endpoint and a file-backed SQS
+dynalite (atomic per key, unlike moto: docs/local-stack-notes.md), a counting Cube endpoint and a file-backed SQS
 stand-in. Fails (never skips) when dynalite cannot start."""
 
 from __future__ import annotations
