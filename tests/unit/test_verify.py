@@ -11,6 +11,7 @@ from handler.adapters.memory import (
     RecordingBuildQueue,
     ScriptedJobs,
 )
+from handler.domain.decode import decode_queue_message as decode_build_message
 from handler.domain.errors import CubeRejected, CubeServerError, StoreUnavailable
 from handler.domain.model import RecordRef, RefreshKey
 from handler.domain.ports import BuildRecord, JobStatus
@@ -21,7 +22,6 @@ from handler.domain.verify import (
     RetriggerMessage,
     VerifyMessage,
     classify,
-    decode_build_message,
     redact,
 )
 from tests.builders import T0, FakeClock
@@ -118,7 +118,8 @@ def test_messages_round_trip_through_their_json_bodies():
     ("body", "error"),
     [
         ("not json", "not JSON"),
-        ('{"kind": "trailing"}', "not a verify or retrigger"),
+        ('{"kind": "trailing"}', "invalid tenantId"),
+        ('{"kind": "other"}', "not a trailing-refresh message"),
         ('{"kind": "verify", "tenantId": "bad tenant!", "targets": []}', "invalid tenantId"),
         ('{"kind": "verify", "tenantId": "t", "targets": [{"target": "Users", "tokens": ["x y"]}]}', "job tokens"),
         ('{"kind": "verify", "tenantId": "t", "targets": [{"target": "Users;drop", "tokens": ["x"]}]}', "target"),

@@ -13,6 +13,7 @@ from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavaila
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey
 from handler.domain.ports import Clock, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
+from handler.domain.verify import BuildVerifier, RetriggerMessage, VerifyMessage
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,11 @@ class RefreshService:
         clock: Clock,
         timezones: Sequence[str],
         map_io: Mapper = serial_map,
+        verifier: BuildVerifier | None = None,
     ) -> None:
         self._map = map_io
+        # None: refreshes are not verified (tests and the model check of the debounce alone).
+        self.verifier = verifier
         self.routes = routes
         self.debouncer = debouncer
         self.cube = cube
@@ -197,6 +201,43 @@ class RefreshService:
             return False
         self.telemetry.count("TrailingRetried")
         return True
+
+    # -- build verification (handler.domain.verify) -----------------------------------------
+    def process_verify(self, messages: Iterable[tuple[RecordRef, VerifyMessage]], *, deadline_ms: int) -> Outcome:
+        outcome = Outcome()
+        items = list(messages)
+        if self.verifier is None:
+            log.error("verify messages received but verification is not wired: reported for redelivery")
+            outcome.failed.update(ref for ref, _ in items)
+            return outcome
+        outcome.failed |= self.verifier.process(items, deadline_ms=deadline_ms)
+        return outcome
+
+    def process_retrigger(self, messages: Iterable[tuple[RecordRef, RetriggerMessage]], *, deadline_ms: int) -> Outcome:
+        """Re-trigger keys whose build failed, through the debounce protocol: each key is decided as
+        if a mutation as old as the oldest one the failed refresh covered arrived now (claim now, or
+        join / schedule the trailing refresh of the window)."""
+        outcome = Outcome()
+        claims: dict[str, list[Claim]] = defaultdict(list)
+        refs: dict[RefreshKey, set[RecordRef]] = defaultdict(set)
+        for ref, message in messages:
+            if message.dead_lettered:
+                log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
+            for key, decision in self._decide_all(message.keys()):
+                if isinstance(decision, Exception):
+                    log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
+                    outcome.failed.add(ref)
+                elif isinstance(decision, Claim):
+                    claims[key.tenant_id].append(decision)
+                    refs[key].add(ref)
+                else:
+                    self._debounced(decision, outcome)
+        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        for tenant_claims in claims.values():
+            for claim in tenant_claims:
+                if claim.key not in ok_keys:  # SQS redelivers; after maxReceiveCount the DLQ (alarmed)
+                    outcome.failed |= refs[claim.key]
+        return outcome
 
     # -- manual operations -------------------------------------------------------------------
     def refresh_now(self, tenant_id: str, targets: Sequence[str], *, force: bool, deadline_ms: int) -> Outcome:

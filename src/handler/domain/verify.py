@@ -22,7 +22,6 @@ costs at most one extra refresh, which the debounce window absorbs."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -192,19 +191,6 @@ def parse_retrigger(data: Mapping[str, Any]) -> RetriggerMessage:
         error,
         dead_lettered=data.get("deadLettered") is True,
     )
-
-
-def decode_build_message(body: str) -> VerifyMessage | RetriggerMessage:
-    try:
-        data = json.loads(body)
-    except (TypeError, ValueError) as exc:
-        raise ValueError("message body is not JSON") from exc
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind == "verify":
-        return parse_verify(data)
-    if kind == "retrigger":
-        return parse_retrigger(data)
-    raise ValueError("not a verify or retrigger message")
 
 
 # --------------------------------------------------------------------------- classification
