@@ -11,6 +11,7 @@ from handler.adapters.memory import (
     RecordingBuildQueue,
     ScriptedJobs,
 )
+from handler.domain.decode import decode_msk_event
 from handler.domain.decode import decode_queue_message as decode_build_message
 from handler.domain.errors import CubeRejected, CubeServerError, StoreUnavailable
 from handler.domain.model import RecordRef, RefreshKey
@@ -20,11 +21,13 @@ from handler.domain.verify import (
     BuildTarget,
     BuildVerifier,
     RetriggerMessage,
+    RetriggerTarget,
     VerifyMessage,
     classify,
     redact,
 )
-from tests.builders import T0, FakeClock
+from tests.builders import T0, FakeClock, msk_event, mutation
+from tests.builders import Rig as ServiceRig
 
 KEY = RefreshKey("tenant-1", "Users")
 TIMEOUT = 600_000
@@ -293,3 +296,38 @@ def test_verifier_batches_one_cube_request_per_tenant():
     rig.deliver()
     assert sorted(t for t, _ in rig.jobs.requests) == ["tenant-1", "tenant-2"]
     assert all(rig.store.get(k).build_status == "done" for k in keys)
+
+
+def test_service_refresh_verify_failure_retrigger_done_end_to_end_over_fakes():
+    rig = ServiceRig(verify=True, window_ms=5_000)
+    batch = decode_msk_event(msk_event(mutation(timestamp=T0 - 300)))
+    assert not rig.service.process_mutations(batch.mutations, deadline_ms=rig.deadline).failed
+    [(due, verify)] = rig.build_queue.messages
+    assert isinstance(verify, VerifyMessage) and verify.targets[0].tokens == ("job-tenant-1-Users-1",)
+    assert rig.store.get(KEY).job_tokens == ("job-tenant-1-Users-1",)
+    rig.jobs.statuses["job-tenant-1-Users-1"] = "failure: permission denied for table users"
+    rig.clock.now = due
+    rig.build_queue.due(due)
+    assert not rig.service.process_verify([(RecordRef("sqs", 0), verify)], deadline_ms=rig.deadline).failed
+    [(due, retrigger)] = rig.build_queue.messages
+    assert isinstance(retrigger, RetriggerMessage) and retrigger.keys() == [(KEY, T0 - 300)]
+    rig.clock.now = max(due, T0 + 5_000)  # the window is over: the re-trigger claims at once
+    rig.build_queue.due(rig.clock.now)
+    assert not rig.service.process_retrigger([(RecordRef("sqs", 0), retrigger)], deadline_ms=rig.deadline).failed
+    assert len(rig.cube.requests) == 2
+    [(due, verify)] = rig.build_queue.messages
+    rig.clock.now = due
+    rig.service.process_verify([(RecordRef("sqs", 0), verify)], deadline_ms=rig.deadline)
+    state = rig.store.get(KEY)
+    assert (state.build_status, state.build_failures, state.freshness_lag_ms) == ("done", 0, due - (T0 - 300))
+
+
+def test_service_retrigger_inside_the_window_joins_the_debounce_instead_of_calling_cube():
+
+    rig = ServiceRig(verify=True)
+    rig.store.claim(KEY, now=T0, window_ms=1, claim_token="c", expires_at=0)
+    message = RetriggerMessage("tenant-1", (RetriggerTarget("Users", T0 - 1),), 1)
+    outcome = rig.service.process_retrigger([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)
+    assert not outcome.failed and rig.cube.requests == []
+    assert [k.status for k in outcome.keys] == ["debounced"]
+    assert len(rig.scheduler.messages) == 1  # the trailing refresh of the window covers it

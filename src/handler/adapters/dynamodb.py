@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -30,6 +31,7 @@ _FIELDS = {
     "buildError": "build_error",
     "buildFailures": "build_failures",
     "retriggerDueAt": "retrigger_due_at",
+    "jobsStartedAt": "jobs_started_at",
 }
 
 
@@ -50,6 +52,9 @@ def to_state(item: dict[str, Any] | None) -> KeyState | None:
         if raw is None:
             continue
         values[name] = int(raw["N"]) if "N" in raw else raw["S"]
+    tokens = item.get("jobTokens")
+    if tokens is not None and "L" in tokens:
+        values["job_tokens"] = tuple(t["S"] for t in tokens["L"])
     return KeyState(**values)
 
 
@@ -247,6 +252,14 @@ class DynamoDBDebounceStore:
         update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         condition = "attribute_exists(pk) AND (attribute_not_exists(buildStartedAt) OR buildStartedAt < :start)"
         return self._update(key, update, condition, values).ok
+
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        return self._update(
+            key,
+            "SET jobsStartedAt = :start, jobTokens = :tokens",
+            "attribute_exists(pk) AND (attribute_not_exists(jobsStartedAt) OR jobsStartedAt < :start)",
+            {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}},
+        ).ok
 
     def get(self, key: RefreshKey) -> KeyState | None:
         try:

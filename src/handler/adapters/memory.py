@@ -161,6 +161,15 @@ class InMemoryDebounceStore:
             )
             return True
 
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or (st.jobs_started_at is not None and st.jobs_started_at >= started_at):
+                return False
+            self.items[key] = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
+            return True
+
     def get(self, key: RefreshKey) -> KeyState | None:
         with self._lock:
             return self.items.get(key)

@@ -34,6 +34,9 @@ class KeyState:
     build_error: str | None = None  # Cube's error text, redacted
     build_failures: int | None = None  # consecutive failed builds (0 after a done one)
     retrigger_due_at: int | None = None
+    # The job tokens of the newest refresh Cube accepted (for `preagg-refresh jobs`).
+    jobs_started_at: int | None = None
+    job_tokens: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,11 @@ class DebounceStore(Protocol):
     def record_build(self, key: RefreshKey, record: BuildRecord) -> bool:
         """Record a verified build outcome, only if no outcome of this or a later refresh is recorded
         (`buildStartedAt < record.started_at`): duplicates and stale verifications change nothing."""
+        ...
+
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        """Keep the job tokens of the refresh that started at `started_at`, unless a later refresh's
+        are recorded already."""
         ...
 
     def get(self, key: RefreshKey) -> KeyState | None: ...

@@ -13,7 +13,7 @@ from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavaila
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey
 from handler.domain.ports import Clock, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
-from handler.domain.verify import BuildVerifier, RetriggerMessage, VerifyMessage
+from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,11 @@ class RefreshService:
             return set()
         tokens = answer
         self.telemetry.timing("CubeLatency", latency)
+        if not self._verify_later(tenant_id, [(c, tuple(tokens)) for c in claims]):
+            for claim in claims:
+                self._release(claim)
+                outcome.keys.append(KeyOutcome(claim.key, "failed", "the build verification could not be scheduled"))
+            return set()
         for claim in claims:
             self._refreshed(claim)
             self.telemetry.count("RefreshesTriggered")
@@ -314,6 +319,31 @@ class RefreshService:
             extra={"tenant_id": tenant_id, "targets": [c.key.target for c in claims], "jobs": len(tokens)},
         )
         return {c.key for c in claims}
+
+    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> bool:
+        """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
+        be scheduled, the claims are released and the records redelivered, so no accepted refresh
+        goes unverified). Keys Cube answered with no job (nothing to build) are not verified."""
+        if self.verifier is None:
+            return True
+        targets = [
+            BuildTarget(
+                c.key, tokens, c.started_at, c.oldest_event_ms if c.oldest_event_ms is not None else c.started_at
+            )
+            for c, tokens in accepted
+            if tokens
+        ]
+        try:
+            self.verifier.schedule(tenant_id, targets)
+        except SchedulerUnavailable as exc:
+            log.error("build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)})
+            return False
+        for target in targets:
+            try:
+                self.debouncer.store.record_jobs(target.key, started_at=target.started_at, tokens=target.tokens)
+            except StoreUnavailable as exc:  # only `preagg-refresh jobs` reads them
+                log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
+        return True
 
     def _refreshed(self, claim: Claim) -> None:
         try:
