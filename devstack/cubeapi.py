@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devstack.stack import Stack, StackEnv
+from handler.domain.errors import CubeError
+from handler.domain.model import Selector
+from handler.domain.ports import CubeAnswer
 
 # Cube names pre-aggregation tables with a one-second timestamp suffix: two builds of one partition
 # within the same second collide ("relation ... already exists", docs/cube-jobs-api.md, hazard c).
@@ -221,7 +224,7 @@ class Served:
 
 
 class _Trigger(Protocol):
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]: ...
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]: ...
 
 
 @dataclass
@@ -264,18 +267,22 @@ class RecordingCube:
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
         # May run on several threads at once (the service can spread tenants over a pool).
         self.spacer.wait(tenant_id)
         with self._lock:
             self.attempts += 1
         try:
-            tokens = self.inner.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+            answers = self.inner.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
         finally:
             self.spacer.mark(tenant_id)
-        with self._lock:
-            self.calls.append(Triggered(tenant_id, [dict(s) for s in selectors], list(tokens)))
-        return tokens
+        accepted = [(s, a) for s, a in zip(selectors, answers, strict=True) if not isinstance(a, CubeError)]
+        if accepted:  # only what Cube queued: the selectors it accepted and their job tokens
+            with self._lock:
+                self.calls.append(
+                    Triggered(tenant_id, [dict(s.body) for s, _ in accepted], [t for _, a in accepted for t in a])
+                )
+        return answers
 
     def tokens_for(self, tenant_id: str, since: int = 0) -> list[str]:
         """Job tokens Cube returned for a tenant, from call number `since` on."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import httpx
 import jwt
@@ -19,9 +19,11 @@ from handler.domain.errors import (
     CubeTimeout,
     CubeUnreachable,
 )
-from handler.domain.ports import JobStatus
+from handler.domain.model import Selector
+from handler.domain.ports import CubeAnswer, JobStatus
 
 TOKEN_TTL_S = 300
+_Answer = TypeVar("_Answer")
 _MAX_ERROR_TEXT = 300
 
 
@@ -58,32 +60,43 @@ class CubeJobsClient:
         claims = {"tenantId": tenant_id, "scopes": ["jobs"], "iat": now, "exp": now + TOKEN_TTL_S}
         return jwt.encode(claims, self._secret(), algorithm="HS256")
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
-        tokens: list[str] = []
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        """One POST per selector; a selector's failure is its own answer and never costs the jobs
+        Cube already queued for the others."""
+        try:
+            token = self.token_for(tenant_id)
+        except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
+            error = CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})")
+            error.__cause__ = exc
+            return [error for _ in selectors]
+        answers: list[CubeAnswer] = []
         for selector in selectors:
-            tokens.extend(self._post(tenant_id, {"action": "post", "selector": dict(selector)}, deadline_ms))
-        return tokens
+            try:
+                answers.append(
+                    self._post(token, {"action": "post", "selector": selector.body}, deadline_ms, parse=_job_tokens)
+                )
+            except CubeError as exc:
+                answers.append(exc)
+        return answers
 
     def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, JobStatus]:
-        """`{"action": "get", "resType": "object", "tokens": [...]}`: token -> {table, status, selector}
-        (cube-js/cube, packages/cubejs-api-gateway/src/gateway.ts). Unknown tokens come back
-        `not_found`; an answer that is not an object of objects is a server error."""
-        answer = self._post(tenant_id, {"action": "get", "resType": "object", "tokens": list(tokens)}, deadline_ms)
-        if not isinstance(answer, dict):
-            raise CubeServerError("Cube answered a jobs `get` with something other than an object")
-        jobs: dict[str, JobStatus] = {}
-        for token, job in answer.items():
-            if isinstance(job, dict):
-                jobs[str(token)] = JobStatus(
-                    str(job.get("status", "")), _selector_tenants(job.get("selector")), str(job.get("table") or "")
-                )
-        return jobs
-
-    def _post(self, tenant_id: str, body: dict[str, Any], deadline_ms: int) -> Any:
+        """`{"action": "get", "resType": "object", "tokens": [...]}` with the tenant's token: Cube
+        answers token -> {table, status, selector} (cube-js/cube,
+        packages/cubejs-api-gateway/src/gateway.ts); a token it does not know comes back `not_found`."""
         try:
             token = self.token_for(tenant_id)
         except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
             raise CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})") from exc
+        body = {"action": "get", "resType": "object", "tokens": list(tokens)}
+        return self._post(token, body, deadline_ms, parse=_job_states)
+
+    def _post(
+        self,
+        token: str,
+        body: dict[str, Any],
+        deadline_ms: int,
+        parse: Callable[[httpx.Response], _Answer],
+    ) -> _Answer:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         payload = json.dumps(body, separators=(",", ":")).encode()
         attempt = 0
@@ -96,16 +109,13 @@ class CubeJobsClient:
                 response = self._http.post(self.url, content=payload, headers=headers, timeout=timeout)
                 error = self._error_for(response)
                 if error is None:
-                    return response.json()
+                    return parse(response)
             except httpx.TimeoutException as exc:
                 error = CubeTimeout(f"Cube did not answer within {timeout:.1f}s ({type(exc).__name__})")
             except httpx.TransportError as exc:
                 error = CubeUnreachable(f"Cube unreachable ({type(exc).__name__})")
-            except ValueError as exc:  # 2xx with a body that is not JSON
-                error = CubeServerError(
-                    f"Cube answered {response.status_code} with a non-JSON body", status=response.status_code
-                )
-                error.__cause__ = exc
+            except CubeServerError as exc:  # 2xx whose body is not what the action answers
+                error = exc
             if not error.retryable or attempt >= self.retries:
                 raise error
             # Exponential backoff with full jitter, never sleeping past the deadline.
@@ -126,6 +136,24 @@ class CubeJobsClient:
         return CubeServerError(f"Cube failed ({status}): {text}", status=status)
 
 
+def _job_states(response: httpx.Response) -> dict[str, JobStatus]:
+    """A `get` answer: an object of token -> job; anything else counts as a server error."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    if not isinstance(body, dict):
+        raise CubeServerError(f"Cube answered a jobs `get` with {type(body).__name__}, not an object", status=status)
+    return {
+        str(token): JobStatus(
+            str(job.get("status", "")), _selector_tenants(job.get("selector")), str(job.get("table") or "")
+        )
+        for token, job in body.items()
+        if isinstance(job, dict)
+    }
+
+
 def _selector_tenants(selector: Any) -> tuple[str, ...]:
     """The tenant ids of a job's `selector.contexts[].securityContext`, in order."""
     contexts = selector.get("contexts") if isinstance(selector, dict) else None
@@ -135,6 +163,22 @@ def _selector_tenants(selector: Any) -> tuple[str, ...]:
         tenant = security.get("tenantId") if isinstance(security, dict) else None
         tenants.append(str(tenant) if tenant is not None else "")
     return tuple(tenants)
+
+
+def _job_tokens(response: httpx.Response) -> list[str]:
+    """Cube answers a queued `post` with a JSON array of job tokens; anything else means Cube did
+    not (or not visibly) queue the jobs, so it counts as a server error: claims released, records
+    reported, retried like a 5xx."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    if not isinstance(body, list) or not all(isinstance(t, str) for t in body):
+        raise CubeServerError(
+            f"Cube answered {status} with {type(body).__name__} instead of a JSON array of job tokens", status=status
+        )
+    return body
 
 
 def _cube_error_text(response: httpx.Response) -> str:

@@ -88,6 +88,18 @@ def decode_msk_event(event: Mapping[str, Any]) -> DecodedBatch:
     return batch
 
 
+def trailing_body(message: TrailingMessage) -> dict[str, object]:
+    """The SQS body of a trailing refresh (what `decode_trailing_message` reads back)."""
+    return {
+        "kind": "trailing",
+        "tenantId": message.tenant_id,
+        "target": message.target,
+        "token": message.token,
+        "dueAt": message.due_at,
+        "attempt": message.attempt,
+    }
+
+
 def decode_trailing_message(body: str) -> TrailingMessage:
     """Parse a trailing-refresh message body; raises ValueError with a safe description."""
     try:

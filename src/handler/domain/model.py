@@ -97,3 +97,12 @@ class RefreshKey:
     def from_pk(cls, pk: str) -> RefreshKey:
         tenant, _, target = pk.partition("#")
         return cls(tenant, target)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """One Cube job selector (`body`, the JSON Cube receives) and the refresh keys it covers. A key
+    counts as refreshed only when every selector covering it was accepted by Cube."""
+
+    body: dict[str, object]
+    keys: tuple[RefreshKey, ...]

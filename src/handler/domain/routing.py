@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from handler.domain.model import is_valid_target
+from handler.domain.model import RefreshKey, Selector, is_valid_target
 
 DEFAULT_ENTITY_CUBE_MAP: dict[str, tuple[str, ...]] = {
     "User": ("Users",),
@@ -35,19 +35,23 @@ class EntityCubeMap:
         return sorted(self._routes)
 
 
-def build_selectors(targets: Sequence[str], tenant_id: str, timezones: Sequence[str]) -> list[dict[str, object]]:
+def build_selectors(targets: Sequence[str], tenant_id: str, timezones: Sequence[str]) -> list[Selector]:
     """Cube job selectors for one tenant. Cube ANDs the selector's filters, so cube names and
     pre-aggregation ids cannot share one selector: ids whose cube is already targeted whole are
-    dropped, the others get a selector of their own."""
-    cubes = sorted({t for t in targets if "." not in t})
-    preaggs = sorted({t for t in targets if "." in t and t.split(".", 1)[0] not in cubes})
+    covered by the cube's selector, the others get a selector of their own."""
+    wanted = sorted(set(targets))
+    cubes = [t for t in wanted if "." not in t]
+    preaggs = [t for t in wanted if "." in t and t.split(".", 1)[0] not in cubes]
     base: dict[str, object] = {
         "contexts": [{"securityContext": {"tenantId": tenant_id}}],
         "timezones": list(timezones),
     }
-    selectors: list[dict[str, object]] = []
+    selectors: list[Selector] = []
     if cubes:
-        selectors.append({**base, "cubes": cubes})
+        covered = [t for t in wanted if t.split(".", 1)[0] in cubes]
+        selectors.append(Selector({**base, "cubes": cubes}, tuple(RefreshKey(tenant_id, t) for t in covered)))
     if preaggs:
-        selectors.append({**base, "preAggregations": preaggs})
+        selectors.append(
+            Selector({**base, "preAggregations": preaggs}, tuple(RefreshKey(tenant_id, t) for t in preaggs))
+        )
     return selectors
