@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devstack.cubeapi import CubeApi, CubeApiError, Spacer
-from devstack.stack import Stack, StackEnv, StackError
+from devstack.stack import SERVICES, Stack, StackEnv, StackError
 
 if TYPE_CHECKING:
     from devstack.observe import ObservedService
@@ -119,12 +119,13 @@ class Demo:
     def play(self, name: str, blurb: str) -> list[str]:
         """Play one MSK sample; return the pk of every key that was debounced."""
         from handler.domain.decode import decode_msk_event  # noqa: PLC0415
+        from handler.wiring import now_ms  # noqa: PLC0415
 
         self.step += 1
         event = json.loads((EVENTS / name).read_text())
         say()
         say(f"{self.step}) events/{name}: {blurb}")
-        batch = decode_msk_event(event)
+        batch = decode_msk_event(event, now_ms=now_ms())
         routes = self.settings.entity_cube_map
         unmapped = sorted({m.entity_type for _, m in batch.mutations if not routes.targets_for(m.entity_type)})
         say(
@@ -225,15 +226,28 @@ def _as_list(value: object) -> list[object]:
 def run(window_ms: int, keep_running: bool) -> int:
     stack = Stack()
     say("preagg-refresh demo: the Lambda handler against a local PostgreSQL + Cube + DynamoDB (dynalite) + SQS (moto)")
-    down = [name for name, status in stack.status().items() if not status.up]
+    statuses = stack.status()
+    down = [name for name in SERVICES if not statuses[name].up]
+    installed = (stack.pg_data / "PG_VERSION").exists() and (stack.cube_dir / "node_modules").is_dir()
+    # The demo delivers its trailing refreshes itself: a running local SQS event source would take them.
+    esm_paused = statuses["esm"].up
     began = time.monotonic()
     try:
+        if esm_paused:
+            stack.stop_service("esm")
         env = stack.start()
     except StackError as error:
         print(f"demo: the local stack did not start:\n{error}", file=sys.stderr)
         return 1
-    kind = f"cold: started {', '.join(down)}" if down else "warm: already running"
+    if not down:
+        kind = "already running"
+    elif installed:
+        kind = f"started {', '.join(down)}"
+    else:
+        kind = f"first run: installed Cube from npm, created the PostgreSQL cluster, started {', '.join(down)}"
     say(f"stack ready in {time.monotonic() - began:.1f} s ({kind})")
+    if esm_paused:
+        say("   (the local event sources are paused while the demo delivers its own trailing refreshes)")
     ok = False
     try:
         demo = Demo(stack, env, window_ms)
@@ -260,6 +274,8 @@ def run(window_ms: int, keep_running: bool) -> int:
             stack.stop()
             say("stack stopped (the demo started it)")
         else:
+            if esm_paused:
+                stack.start_service("esm")
             say("the stack is still running; stop it with `make stack-stop`")
     return 0 if ok else 1
 

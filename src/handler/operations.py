@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from handler.domain.errors import CubeError
-from handler.domain.model import TARGET_PATTERN, TENANT_ID_PATTERN, RefreshKey
+from handler.domain.model import RefreshKey, TargetName, TenantId
 from handler.domain.ports import KeyState
 from handler.domain.service import RefreshService
 from handler.domain.verify import MAX_RETRIGGERS
@@ -20,16 +20,13 @@ class OperationError(ValueError):
     """The operation request is invalid; the message says what to fix."""
 
 
-Target = Annotated[str, Field(pattern=TARGET_PATTERN)]
-
-
 class OperationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     operation: Literal["refresh", "stats", "clear", "jobs"]
-    tenant_id: Annotated[str | None, Field(alias="tenantId", pattern=TENANT_ID_PATTERN)] = None
+    tenant_id: Annotated[TenantId | None, Field(alias="tenantId")] = None
     entity_type: Annotated[str | None, Field(alias="entityType", min_length=1)] = None
-    cubes: list[Target] | None = None
+    cubes: list[TargetName] | None = None
     force: bool = False
 
 

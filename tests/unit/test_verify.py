@@ -300,7 +300,7 @@ def test_verifier_batches_one_cube_request_per_tenant():
 
 def test_service_refresh_verify_failure_retrigger_done_end_to_end_over_fakes():
     rig = ServiceRig(verify=True, window_ms=5_000)
-    batch = decode_msk_event(msk_event(mutation(timestamp=T0 - 300)))
+    batch = decode_msk_event(msk_event(mutation(timestamp=T0 - 300)), now_ms=rig.clock.now)
     assert not rig.service.process_mutations(batch.mutations, deadline_ms=rig.deadline).failed
     [(due, verify)] = rig.build_queue.messages
     assert isinstance(verify, VerifyMessage) and verify.targets[0].tokens == ("job-tenant-1-Users-1",)
