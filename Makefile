@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench scale bench-sim \
         stack-start stack-stop stack-status clean
 
 help:
@@ -54,6 +54,16 @@ demo: venv ## start the local stack, play the sample events through the handler,
 bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
+
+.venv/.bench-installed: requirements-bench.txt .venv/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	@touch $@
+
+scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
+	$(PY) -m bench.sim.report
+
+bench-sim: venv ## the simulation's smallest scenario against the real local stack (agreement check, ~2 min)
+	$(PY) -m bench.sim.agreement
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start
