@@ -23,7 +23,7 @@ lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff format --check src tests bench devstack
 
 typecheck: venv ## mypy --strict on the Lambda code and the dev stack
-	.venv/bin/mypy --strict src/handler devstack
+	.venv/bin/mypy --strict src/handler src/preagg_cli devstack
 
 template: ## sam validate (both modes), sam build without Docker, checkov
 	scripts/check-template.sh
@@ -37,7 +37,7 @@ test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, start
 test: lint typecheck template test-unit test-integration ## everything CI runs
 
 invoke: venv ## run the handler on EVENT with in-memory stand-ins (no Docker, no servers)
-	$(PY) -m handler.local invoke $(EVENT)
+	$(PY) -m preagg_cli.local invoke $(EVENT)
 
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
 	$(PY) -m devstack.demo

@@ -59,7 +59,7 @@ TARGETS = {
 
 
 def _base_env(tracing: bool, task_root: str) -> dict[str, str]:
-    from handler.local import LOCAL_DEFAULTS  # noqa: PLC0415 (stdlib-only module)
+    from preagg_cli.local import LOCAL_DEFAULTS  # noqa: PLC0415 (stdlib-only module)
 
     env = dict(os.environ)
     for name, value in LOCAL_DEFAULTS.items():
@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--tracing", choices=("both", "on", "off"), default="both")
     args = parser.parse_args()
     try:
-        import handler.local  # noqa: F401, PLC0415
+        import preagg_cli.local  # noqa: F401, PLC0415
     except ImportError:
         raise SystemExit(
             "cannot import 'handler': run from the repo root as PYTHONPATH=src .venv/bin/python "

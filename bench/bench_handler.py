@@ -49,7 +49,7 @@ ASSUMED_POST_MS = 20.0
 
 def _configure_env() -> None:
     """Settings are read when handler.app is imported: set the environment first."""
-    from handler.local import LOCAL_DEFAULTS  # noqa: PLC0415 (stdlib-only module; env must precede app)
+    from preagg_cli.local import LOCAL_DEFAULTS  # noqa: PLC0415 (stdlib-only module; env must precede app)
 
     for name, value in LOCAL_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -179,7 +179,7 @@ def _child(path: str, runs: int, profile: bool) -> dict[str, Any]:
     rss_start = _max_rss_mb()
     _configure_env()
     from handler import app  # noqa: PLC0415
-    from handler.local import build_msk_event  # noqa: PLC0415
+    from preagg_cli.local import build_msk_event  # noqa: PLC0415
 
     event = build_msk_event(_mutations(), partitions=PARTITIONS)  # outside every timed region
     records = sum(len(v) for v in event["records"].values())
@@ -380,7 +380,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     try:
-        import handler.local  # noqa: F401, PLC0415
+        import preagg_cli.local  # noqa: F401, PLC0415
     except ImportError:
         raise SystemExit(
             "cannot import 'handler': run from the repo root as PYTHONPATH=src .venv/bin/python bench/bench_handler.py"

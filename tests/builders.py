@@ -11,7 +11,7 @@ from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore, Re
 from handler.domain.debounce import Debouncer
 from handler.domain.routing import EntityCubeMap
 from handler.domain.service import Mapper, RefreshService, serial_map
-from handler.local import build_msk_event
+from preagg_cli.local import build_msk_event
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "events"

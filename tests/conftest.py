@@ -2,7 +2,7 @@
 
 import os
 
-from handler.local import LOCAL_DEFAULTS
+from preagg_cli.local import LOCAL_DEFAULTS
 
 for _name, _value in LOCAL_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

@@ -26,8 +26,8 @@ from handler.adapters.memory import CountingTelemetry
 from handler.app import handle
 from handler.domain.model import RefreshKey
 from handler.domain.ports import KeyState
-from handler.local import build_msk_event
 from handler.settings import Settings, load_settings
+from preagg_cli.local import build_msk_event
 
 # Every tenant and cube of cube/seed.sql and cube/model.
 TENANTS = ("tenant-a", "tenant-b", "tenant-1", "tenant-2", "tenant-3")
@@ -228,7 +228,7 @@ def mutation(tenant_id: str, entity_type: str = "User", entity_id: str | None = 
 
 
 def msk(*values: Any, start_offset: int | None = None) -> dict[str, Any]:
-    """An MSK event (handler.local.build_msk_event) with fresh offsets and current timestamps."""
+    """An MSK event (preagg_cli.local.build_msk_event) with fresh offsets and current timestamps."""
     offset = start_offset if start_offset is not None else int(time.time() * 1000) % 10**9
     return build_msk_event(list(values), start_offset=offset, timestamp_ms=int(time.time() * 1000))
 

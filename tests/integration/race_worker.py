@@ -183,7 +183,7 @@ class FileScheduler:
 
 def build(endpoint: str, cube_url: str, queue_file: str, window_ms: int) -> Any:
     """The production wiring with the SQS adapter swapped for the file stand-in."""
-    from handler.local import LOCAL_DEFAULTS  # noqa: PLC0415
+    from preagg_cli.local import LOCAL_DEFAULTS  # noqa: PLC0415
 
     for name, value in LOCAL_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -212,7 +212,7 @@ def worker(args: tuple[int, str, str, str, int, float, int]) -> list[tuple[str, 
     """One process: mutations at random times on overlapping keys; retries failed records."""
     index, endpoint, cube_url, queue_file, window_ms, duration_s, seed = args
     from handler import app  # noqa: PLC0415
-    from handler.local import build_msk_event  # noqa: PLC0415
+    from preagg_cli.local import build_msk_event  # noqa: PLC0415
 
     service = build(endpoint, cube_url, queue_file, window_ms)
     rng = random.Random(seed * 1000 + index)

@@ -10,11 +10,12 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from handler import app, cli
+from handler import app
 from handler.domain.errors import CubeRejected, CubeUnreachable
 from handler.domain.model import RefreshKey
 from handler.observability import logger
 from handler.settings import load_settings
+from preagg_cli import cli
 from tests.builders import Rig, msk_event, mutation
 
 

@@ -4,8 +4,8 @@ import io
 import json
 import sys
 
-from handler import local
 from handler.domain.decode import decode_msk_event
+from preagg_cli import local
 from tests.builders import EVENTS, mutation
 
 

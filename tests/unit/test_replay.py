@@ -7,9 +7,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from handler import app, replay
+from handler import app
 from handler.domain.routing import EntityCubeMap
 from handler.settings import load_settings
+from preagg_cli import replay
 from tests.builders import Rig, msk_event, mutation
 
 TOPIC = "core.entities.lifecycle.mutated"

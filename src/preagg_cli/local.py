@@ -1,8 +1,8 @@
 """Local tools without Docker: build MSK events from mutation JSON lines, and invoke the handler.
 
-python -m handler.local make-event < mutations.jsonl > events/my-event.json
-python -m handler.local invoke events/user-updated.json            # in-memory stand-ins
-python -m handler.local invoke events/user-updated.json --stack    # the local stack (devstack)
+python -m preagg_cli.local make-event < mutations.jsonl > events/my-event.json
+python -m preagg_cli.local invoke events/user-updated.json            # in-memory stand-ins
+python -m preagg_cli.local invoke events/user-updated.json --stack    # the local stack (devstack)
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m handler.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m preagg_cli.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-event", help="build an MSK event from mutation JSON lines on stdin")

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from handler import replay
 from handler.domain.routing import EntityCubeMap
+from preagg_cli import replay
 
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
