@@ -11,7 +11,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from handler.domain.partitions import zone
 from handler.domain.routing import EntityCubeMap
 
-
 _MAP_SHAPE = "must be a JSON object of entity type -> list of cube names or target objects"
 
 

@@ -73,4 +73,5 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         clock,
         settings.cube_timezones,
         map_io=ThreadMap(IO_THREADS),
+        max_selectors=settings.max_selectors,
     )

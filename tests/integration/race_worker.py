@@ -166,15 +166,9 @@ class FileScheduler:
         self.path = path
 
     def schedule(self, message: Any, *, now: int) -> None:
-        line = json.dumps(
-            {
-                "kind": "trailing",
-                "tenantId": message.tenant_id,
-                "target": message.target,
-                "token": message.token,
-                "dueAt": message.due_at,
-            }
-        )
+        from handler.domain.decode import trailing_body  # noqa: PLC0415
+
+        line = json.dumps(trailing_body(message))
         with open(self.path, "a", encoding="utf-8") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.write(line + "\n")

@@ -46,7 +46,7 @@ def ok(tokens=("tok-1",)):
 def test_cube_client_posts_the_job_request_with_the_tenant_context():
     server = Server(ok(["a", "b"]))
     tokens = client(server).trigger(
-        "tenant-1", build_selectors(["Users"], "tenant-1", ["UTC"]), deadline_ms=NOW + 60_000
+        "tenant-1", [s.body for s in build_selectors(["Users"], "tenant-1", ["UTC"])], deadline_ms=NOW + 60_000
     )
     assert tokens == ["a", "b"]
     (request,) = server.requests

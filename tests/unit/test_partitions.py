@@ -6,7 +6,7 @@ import pytest
 
 from handler.domain.model import EntityMutation, RefreshKey
 from handler.domain.partitions import DateRange, cover, merge, partition_of, partitions_for
-from handler.domain.routing import EntityCubeMap, Route
+from handler.domain.routing import EntityCubeMap, Route, build_selectors
 
 
 def ms(text: str) -> int:
@@ -183,3 +183,64 @@ def test_refresh_key_with_a_partition_round_trips_through_its_pk():
     assert RefreshKey.from_pk("tenant-1#Users") == RefreshKey("tenant-1", "Users")
     assert key.whole == key.whole.whole == RefreshKey("tenant-1", "Users.dailyStatusCounts")
     assert key.whole.pk == "tenant-1#Users.dailyStatusCounts"
+
+
+# ------------------------------------------------------------------ selectors for partition keys
+
+DAILY = "Users.dailyStatusCounts"
+
+
+def pkey(target: str, *months: str, tenant: str = "t1") -> list[RefreshKey]:
+    """Partition keys of whole months, e.g. pkey(DAILY, "2025-03")."""
+    out = []
+    for month in months:
+        year, mon = (int(x) for x in month.split("-"))
+        out.append(RefreshKey(tenant, target, partition_of(date(year, mon, 1), "month").label))
+    return out
+
+
+def test_selectors_one_per_distinct_range_with_adjacent_months_merged():
+    keys = pkey(DAILY, "2025-03", "2025-04", "2025-09") + pkey("Groups.byMonth", "2025-09")
+    selectors = build_selectors(keys, "t1", ["UTC", "Europe/Paris"])
+    assert [(s.body["preAggregations"], s.body["dateRange"]) for s in selectors] == [
+        ([DAILY], ["2025-03-01T00:00:00.000", "2025-04-30T23:59:59.999"]),
+        (["Groups.byMonth", DAILY], ["2025-09-01T00:00:00.000", "2025-09-30T23:59:59.999"]),
+    ]
+    assert all(s.body["timezones"] == ["UTC", "Europe/Paris"] for s in selectors)
+    assert all(s.body["contexts"] == [{"securityContext": {"tenantId": "t1"}}] for s in selectors)
+    assert sorted(k for s in selectors for k in s.keys) == sorted(keys), "each key covered exactly once"
+
+
+def test_selectors_a_whole_key_covers_the_partition_keys_of_its_target_and_cube():
+    keys = [RefreshKey("t1", DAILY), *pkey(DAILY, "2025-03"), *pkey("Groups.byMonth", "2025-01")]
+    keys += [RefreshKey("t1", "Groups"), RefreshKey("t1", "Users.main")]
+    selectors = build_selectors(keys, "t1", ["UTC"])
+    assert [s.body.get("cubes") or s.body.get("preAggregations") for s in selectors] == [
+        ["Groups"],
+        ["Users.dailyStatusCounts", "Users.main"],
+    ]
+    assert all("dateRange" not in s.body for s in selectors)
+    assert selectors[0].keys == (RefreshKey("t1", "Groups"), *pkey("Groups.byMonth", "2025-01"))
+    assert sorted(k for s in selectors for k in s.keys) == sorted(keys)
+
+
+def test_selectors_past_the_cap_become_one_covering_range_then_the_whole_target():
+    months = [f"2025-{m:02d}" for m in (1, 3, 5, 7, 9, 11)]
+    keys = pkey(DAILY, *months) + pkey("Groups.byMonth", "2025-01", "2025-03")
+    capped = build_selectors(keys, "t1", ["UTC"], max_selectors=2)
+    assert [(s.body["preAggregations"], s.body["dateRange"]) for s in capped] == [
+        (["Groups.byMonth"], ["2025-01-01T00:00:00.000", "2025-03-31T23:59:59.999"]),
+        ([DAILY], ["2025-01-01T00:00:00.000", "2025-11-30T23:59:59.999"]),
+    ]
+    (whole,) = build_selectors(keys, "t1", ["UTC"], max_selectors=1)
+    assert whole.body["preAggregations"] == ["Groups.byMonth", DAILY] and "dateRange" not in whole.body
+    assert sorted(whole.keys) == sorted(keys)
+    exact = build_selectors(keys, "t1", ["UTC"], max_selectors=6)  # Groups shares January's and March's
+    assert [len(s.keys) for s in exact] == [2, 2, 1, 1, 1, 1]
+
+
+def test_selectors_treat_an_unreadable_partition_or_a_partitioned_cube_name_as_whole():
+    keys = [RefreshKey("t1", DAILY, "2025-03"), RefreshKey("t1", "Groups", "2025-03-01..2025-03-31")]
+    selectors = build_selectors(keys, "t1", ["UTC"])
+    assert [s.body.get("cubes") or s.body.get("preAggregations") for s in selectors] == [["Groups"], [DAILY]]
+    assert all("dateRange" not in s.body for s in selectors)

@@ -24,7 +24,7 @@ def test_routing_invalid_map_is_refused(bad):
 
 def test_selectors_always_carry_the_tenant_security_context():
     (selector,) = build_selectors(["Users"], "tenant-1", ["UTC", "Europe/Paris"])
-    assert selector == {
+    assert selector.body == {
         "contexts": [{"securityContext": {"tenantId": "tenant-1"}}],
         "timezones": ["UTC", "Europe/Paris"],
         "cubes": ["Users"],
@@ -33,5 +33,5 @@ def test_selectors_always_carry_the_tenant_security_context():
 
 def test_selectors_split_cubes_and_foreign_preaggregations_because_cube_ands_filters():
     selectors = build_selectors(["Users", "Users.daily", "Groups.main"], "t1", ["UTC"])
-    assert [s.get("cubes") for s in selectors] == [["Users"], None]
-    assert [s.get("preAggregations") for s in selectors] == [None, ["Groups.main"]]
+    assert [s.body.get("cubes") for s in selectors] == [["Users"], None]
+    assert [s.body.get("preAggregations") for s in selectors] == [None, ["Groups.main"]]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aws_lambda_powertools.utilities import parameters
 from botocore.exceptions import BotoCoreError, ClientError
 
+from handler.domain.decode import trailing_body
 from handler.domain.errors import SchedulerUnavailable
 from handler.domain.ports import TrailingMessage
 
@@ -41,15 +42,8 @@ class SqsTrailingScheduler:
 
     def schedule(self, message: TrailingMessage, *, now: int) -> None:
         delay = min(SQS_MAX_DELAY_S, max(0, math.ceil((message.due_at - now) / 1000)))
-        body = {
-            "kind": "trailing",
-            "tenantId": message.tenant_id,
-            "target": message.target,
-            "token": message.token,
-            "dueAt": message.due_at,
-            "attempt": message.attempt,
-        }
+        body = json.dumps(trailing_body(message))
         try:
-            self.client.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(body), DelaySeconds=delay)
+            self.client.send_message(QueueUrl=self.queue_url, MessageBody=body, DelaySeconds=delay)
         except (ClientError, BotoCoreError) as exc:
             raise SchedulerUnavailable(f"SQS send failed: {type(exc).__name__}") from exc

@@ -183,3 +183,12 @@ class RefreshKey:
         tenant, _, rest = pk.partition("#")
         target, _, partition = rest.partition("#")
         return cls(tenant, target, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """One Cube job selector (`body`, the JSON Cube receives) and the refresh keys it covers. A key
+    counts as refreshed only when every selector covering it was accepted by Cube."""
+
+    body: dict[str, object]
+    keys: tuple[RefreshKey, ...]

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from handler.domain.model import UPDATED, EntityMutation, is_valid_target
-from handler.domain.partitions import GRANULARITIES, DateRange, partitions_for
+from handler.domain.model import UPDATED, EntityMutation, RefreshKey, Selector, is_valid_target
+from handler.domain.partitions import GRANULARITIES, DateRange, cover, merge, partitions_for
 
 DEFAULT_ENTITY_CUBE_MAP: dict[str, tuple[str, ...]] = {
     "User": ("Users",),
@@ -120,19 +120,81 @@ class EntityCubeMap:
         return sorted(self._routes)
 
 
-def build_selectors(targets: Sequence[str], tenant_id: str, timezones: Sequence[str]) -> list[dict[str, object]]:
-    """Cube job selectors for one tenant. Cube ANDs the selector's filters, so cube names and
-    pre-aggregation ids cannot share one selector: ids whose cube is already targeted whole are
-    dropped, the others get a selector of their own."""
-    cubes = sorted({t for t in targets if "." not in t})
-    preaggs = sorted({t for t in targets if "." in t and t.split(".", 1)[0] not in cubes})
+DEFAULT_MAX_SELECTORS = 10
+
+
+def _range_of(key: RefreshKey) -> DateRange | None:
+    """The key's partition, or None for the whole target (also for a label that does not parse, and
+    for a cube name: only pre-aggregation ids are partitioned)."""
+    if not key.partition or "." not in key.target:
+        return None
+    try:
+        return DateRange.parse(key.partition)
+    except ValueError:
+        return None
+
+
+def _ranged_selectors(
+    ranged: Mapping[str, list[tuple[DateRange, RefreshKey]]], base: Mapping[str, object], *, covering: bool
+) -> list[Selector]:
+    """One selector per distinct range, shared by the targets that need exactly that range. Per target,
+    overlapping and adjacent ranges are merged (`covering`: into one range from first to last), so no
+    partition is asked for twice in one request."""
+    by_range: dict[DateRange, tuple[list[str], list[RefreshKey]]] = {}
+    for target in sorted(ranged):
+        items = ranged[target]
+        merged = [cover(r for r, _ in items)] if covering else merge(r for r, _ in items)
+        for span in merged:
+            targets, keys = by_range.setdefault(span, ([], []))
+            targets.append(target)
+            keys.extend(k for r, k in items if span.start <= r.start and r.end <= span.end)
+    return [
+        Selector({**base, "preAggregations": targets, "dateRange": span.cube_date_range()}, tuple(sorted(keys)))
+        for span, (targets, keys) in sorted(by_range.items())
+    ]
+
+
+def build_selectors(
+    targets: Sequence[str | RefreshKey],
+    tenant_id: str,
+    timezones: Sequence[str],
+    *,
+    max_selectors: int = DEFAULT_MAX_SELECTORS,
+) -> list[Selector]:
+    """Cube job selectors for one tenant's claimed keys (a bare target name means its whole-target
+    key). Cube ANDs a selector's filters and takes one `dateRange` per selector, so:
+    - cube names share one selector, which also covers every key of those cubes' pre-aggregations;
+    - pre-aggregation ids refreshed whole share another, which also covers their partition keys;
+    - partition keys get one selector per distinct (merged) range, in local time for every zone.
+    Past `max_selectors`, each target's ranges become one covering range, then the whole target.
+    Every key is covered by exactly one selector."""
+    keys = sorted({t if isinstance(t, RefreshKey) else RefreshKey(tenant_id, t) for t in targets})
     base: dict[str, object] = {
         "contexts": [{"securityContext": {"tenantId": tenant_id}}],
         "timezones": list(timezones),
     }
-    selectors: list[dict[str, object]] = []
+    cubes = sorted({k.target for k in keys if "." not in k.target})
+    cube_keys = [k for k in keys if k.cube in cubes]
+    rest = [k for k in keys if k.cube not in cubes]
+    whole = {k.target for k in rest if _range_of(k) is None}
+    ranged: dict[str, list[tuple[DateRange, RefreshKey]]] = {}
+    for key in rest:
+        span = _range_of(key)
+        if span is not None and key.target not in whole:
+            ranged.setdefault(key.target, []).append((span, key))
+
+    fixed = int(bool(cubes)) + int(bool(whole))
+    partial = _ranged_selectors(ranged, base, covering=False)
+    if fixed + len(partial) > max_selectors:
+        partial = _ranged_selectors(ranged, base, covering=True)
+    if fixed + len(partial) > max_selectors:
+        whole |= set(ranged)
+        partial = []
+
+    selectors: list[Selector] = []
     if cubes:
-        selectors.append({**base, "cubes": cubes})
-    if preaggs:
-        selectors.append({**base, "preAggregations": preaggs})
-    return selectors
+        selectors.append(Selector({**base, "cubes": cubes}, tuple(cube_keys)))
+    if whole:
+        covered = tuple(k for k in rest if k.target in whole)
+        selectors.append(Selector({**base, "preAggregations": sorted(whole)}, covered))
+    return selectors + partial
