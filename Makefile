@@ -45,6 +45,7 @@ demo: venv ## start the local stack, play the sample events through the handler,
 bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
+	$(PY) bench/bench_precise.py
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite and moto server (idempotent)
 	$(PY) -m devstack start
