@@ -208,3 +208,13 @@ def test_dynamodb_store_turns_service_errors_into_store_unavailable():
         store = DynamoDBDebounceStore(client, "no-such-table")
         with pytest.raises(StoreUnavailable, match="ResourceNotFoundException"):
             claim(store, T0)
+
+
+def test_store_partition_keys_of_one_target_are_independent_items(store):
+    march = RefreshKey("tenant-1", "Users.daily", "2025-03-01..2025-03-31")
+    june = RefreshKey("tenant-1", "Users.daily", "2025-06-01..2025-06-30")
+    whole = RefreshKey("tenant-1", "Users.daily")
+    for key in (march, june, whole):
+        assert store.claim(key, now=T0, window_ms=W, claim_token="c", expires_at=T0 // 1000 + 100).ok
+    assert not store.claim(march, now=T0 + 1, window_ms=W, claim_token="d", expires_at=0).ok
+    assert [k for k, _ in store.scan("tenant-1")] == sorted([march, june, whole])
