@@ -10,7 +10,7 @@ bytecode behind for the next):
 - "pyc":    a prefix holding bytecode for every module imported (as if the build ran compileall);
 - "no pyc": a prefix holding bytecode for the standard library only, so the app and its
             dependencies are compiled from source in every process, as on Lambda when `sam build`
-            ships no .pyc and the code folder is read-only (FIELD-NOTES 3).
+            ships no .pyc and the code folder is read-only (docs/msk-event-source.md).
 The import is timed inside each child with perf_counter (interpreter start-up excluded); RSS is the
 child's ru_maxrss after the import.
 """

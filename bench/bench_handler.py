@@ -41,7 +41,7 @@ T0_MS = 1_795_953_600_000
 
 TARGET_RECORDS_PER_S = 50_000
 TARGET_PEAK_MB = 150
-# Assumed remote latencies for the projection line only (FIELD-NOTES 6: Cube answers in 8-30 ms warm;
+# Assumed remote latencies for the projection line only (docs/cube-jobs-api.md: Cube answers in 8-30 ms warm;
 # a DynamoDB conditional write is single-digit ms in-region). Not measured here.
 ASSUMED_WRITE_MS = 5.0
 ASSUMED_POST_MS = 20.0

@@ -1,7 +1,7 @@
 // Cube configuration for the local dev stack (devstack). Multi-tenant the way the product expects:
 // every compiled model, query and pre-aggregation belongs to exactly one tenant, taken from the
 // security context. A context without a tenantId is refused rather than silently compiled into a
-// model that spans every tenant (FIELD-NOTES 6, hazard a).
+// model that spans every tenant (docs/cube-jobs-api.md, hazard a).
 
 // A UserError makes the API answer 400 (a client mistake the caller must not retry) instead of 500.
 const { UserError } = require('@cubejs-backend/api-gateway');

@@ -3,7 +3,7 @@
 // Why: @cubejs-backend/native is published as JavaScript only; its Rust binary (index.node) comes
 // from GitHub releases, which this machine cannot reach. Without it Cube 1.x cannot start: the API
 // gateway sets up its logger through it, schema compilation creates a Jinja engine through it, and
-// /v1/load formats its results through it (FIELD-NOTES 7).
+// /v1/load formats its results through it (docs/local-stack-notes.md).
 //
 // What: if, and only if, the real binary fails to load, replace those entry points on the module's
 // exports object with small JavaScript stand-ins. Cube's own modules call them as

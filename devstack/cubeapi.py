@@ -1,7 +1,7 @@
 """Talking to the local Cube the way a developer checks on the refresh Lambda (tests and `make demo`):
 poll pre-aggregation jobs until they finish, read what `/v1/load` serves, list the rollup tables a
 tenant has in PostgreSQL, and a wrapper around the Lambda's Cube client that records the job tokens
-it got back and keeps rebuilds of one tenant at least a second apart (FIELD-NOTES 6c).
+it got back and keeps rebuilds of one tenant at least a second apart (docs/cube-jobs-api.md, hazard c).
 
 Standard library only (plus the stack): no handler imports, so mypy and the tests stay decoupled.
 """
@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devstack.stack import Stack, StackEnv
+from handler.domain.errors import CubeError
+from handler.domain.model import Selector
+from handler.domain.ports import CubeAnswer
 
 # Cube names pre-aggregation tables with a one-second timestamp suffix: two builds of one partition
-# within the same second collide ("relation ... already exists", FIELD-NOTES 6c).
+# within the same second collide ("relation ... already exists", docs/cube-jobs-api.md, hazard c).
 MIN_REBUILD_GAP_S = 1.2
-# The first build into a new tenant schema can race inside Cube (FIELD-NOTES 6d); it succeeds on retry.
+# The first build into a new tenant schema can race inside Cube (docs/cube-jobs-api.md, hazard d); it succeeds on retry.
 SCHEMA_RACE = "pg_namespace_nspname_index"
 _SAFE_SCHEMA = re.compile(r"^[a-z0-9_]+$")
 
@@ -152,8 +155,8 @@ class CubeApi:
     def build(
         self, tenant_id: str, cubes: Sequence[str], *, spacer: Spacer | None = None, attempts: int = 5
     ) -> JobsResult:
-        """POST jobs and wait until done, retrying only Cube's first-build schema race (FIELD-NOTES 6d):
-        a 400 naming pg_namespace_nspname_index, or a job failing with it."""
+        """POST jobs and wait until done, retrying only Cube's first-build schema race
+        (docs/cube-jobs-api.md, hazard d): a 400 naming pg_namespace_nspname_index, or a job failing with it."""
         spacer = spacer or Spacer()
         for attempt in range(1, attempts + 1):
             spacer.wait(tenant_id)
@@ -257,7 +260,7 @@ class Served:
 
 
 class _Trigger(Protocol):
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]: ...
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]: ...
 
 
 @dataclass
@@ -290,7 +293,8 @@ class Spacer:
 @dataclass
 class RecordingCube:
     """Wraps the Lambda's real Cube client (same `trigger` signature): records each request and the
-    job tokens Cube returned, and keeps a tenant's rebuilds MIN_REBUILD_GAP_S apart (FIELD-NOTES 6c)."""
+    job tokens Cube returned, and keeps a tenant's rebuilds MIN_REBUILD_GAP_S apart
+    (docs/cube-jobs-api.md, hazard c)."""
 
     inner: _Trigger
     spacer: Spacer = field(default_factory=Spacer)
@@ -299,18 +303,22 @@ class RecordingCube:
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
         # May run on several threads at once (the service can spread tenants over a pool).
         self.spacer.wait(tenant_id)
         with self._lock:
             self.attempts += 1
         try:
-            tokens = self.inner.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+            answers = self.inner.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
         finally:
             self.spacer.mark(tenant_id)
-        with self._lock:
-            self.calls.append(Triggered(tenant_id, [dict(s) for s in selectors], list(tokens)))
-        return tokens
+        accepted = [(s, a) for s, a in zip(selectors, answers, strict=True) if not isinstance(a, CubeError)]
+        if accepted:  # only what Cube queued: the selectors it accepted and their job tokens
+            with self._lock:
+                self.calls.append(
+                    Triggered(tenant_id, [dict(s.body) for s, _ in accepted], [t for _, a in accepted for t in a])
+                )
+        return answers
 
     def tokens_for(self, tenant_id: str, since: int = 0) -> list[str]:
         """Job tokens Cube returned for a tenant, from call number `since` on."""

@@ -105,7 +105,7 @@ class Demo:
         say(f"cleared earlier demo state: debounce items of {', '.join(DEMO_TENANTS)}, demo rows in users")
         began = time.monotonic()
         for tenant in DEMO_TENANTS:
-            # The first build into a new tenant schema can race inside Cube (FIELD-NOTES 6d); the
+            # The first build into a new tenant schema can race inside Cube (docs/cube-jobs-api.md, hazard d); the
             # helper retries that one error and nothing else.
             self.cube.build(tenant, CUBES, spacer=self.spacer)
         say(

@@ -313,7 +313,7 @@ class Stack:
         if npm is None:
             raise StackError("npm is not on PATH (Node 20+ is required for Cube and dynalite)")
         print("devstack: npm ci --ignore-scripts in cube/ (first start, ~30 s)", file=sys.stderr)
-        # --ignore-scripts: Cube Store's install script downloads a binary from GitHub (FIELD-NOTES 7).
+        # --ignore-scripts: Cube Store's install script downloads a binary from GitHub (docs/local-stack-notes.md).
         result = subprocess.run(
             [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=self.cube_dir,
@@ -550,7 +550,7 @@ class Stack:
             kwargs["GlobalSecondaryIndexes"] = spec.global_secondary_indexes
         ddb.create_table(**kwargs)
         ddb.get_waiter("table_exists").wait(TableName=DEBOUNCE_TABLE_NAME, WaiterConfig={"Delay": 1})
-        # dynalite has no UpdateTimeToLive (FIELD-NOTES 5); TTL never expires items locally anyway.
+        # dynalite has no UpdateTimeToLive (docs/local-stack-notes.md); TTL never expires items locally anyway.
 
     def _check_cube_model(self) -> None:
         """An authenticated /v1/meta for tenant-a: proves the model compiles, not just that Cube listens."""

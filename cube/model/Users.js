@@ -32,7 +32,7 @@ cube('Users', {
       granularity: 'day',
       partitionGranularity: 'month',
       // Without this the newest partition is clipped at a cached MAX(created_at) and a forced
-      // rebuild can omit the newest rows (FIELD-NOTES 6, hazard e).
+      // rebuild can omit the newest rows (docs/cube-jobs-api.md, hazard e).
       buildRangeEnd: { sql: "SELECT NOW() + INTERVAL '1 day'" },
       refreshKey: { sql: 'SELECT 0' },
     },

@@ -95,14 +95,14 @@ def cube_api(stack: Stack, stack_env: StackEnv) -> CubeApi:
 
 @pytest.fixture(scope="session")
 def spacer() -> Spacer:
-    """Shared by every build of the session: a tenant's rebuilds stay >1 s apart (FIELD-NOTES 6c)."""
+    """Shared by every build of the session: a tenant's rebuilds stay >1 s apart (docs/cube-jobs-api.md, hazard c)."""
     return Spacer()
 
 
 @pytest.fixture(scope="session")
 def warm_tenants(cube_api: CubeApi, spacer: Spacer) -> None:
     """Build every tenant's pre-aggregations once. The first build into a new tenant schema can race in
-    Cube (FIELD-NOTES 6d: 400 duplicate key pg_namespace_nspname_index); `build` retries that error
+    Cube (docs/cube-jobs-api.md, hazard d: 400 duplicate key pg_namespace_nspname_index); `build` retries that error
     only, so the tests afterwards see the steady state. Any other error fails the session."""
     began = time.monotonic()
     for tenant in TENANTS:

@@ -120,11 +120,16 @@ def create_table(endpoint: str) -> None:
 
 @dataclass
 class CountingCube:
-    """POST /cubejs-api/v1/pre-aggregations/jobs: records (tenant, targets, arrival ms), answers 200."""
+    """POST /cubejs-api/v1/pre-aggregations/jobs: records (tenant, targets, arrival ms) of the builds
+    it queues and answers 200. Answers 400 to a share `refuse_preaggs` of the pre-aggregation
+    selectors (as for a renamed pre-aggregation): those queue nothing and are only counted."""
 
+    refuse_preaggs: float = 0.0
     posts: list[tuple[str, list[str], int]] = field(default_factory=list)
+    refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
 
     def start(self) -> str:
         cube = self
@@ -137,9 +142,18 @@ class CountingCube:
                 tenant = selector["contexts"][0]["securityContext"]["tenantId"]
                 targets = [*selector.get("cubes", []), *selector.get("preAggregations", [])]
                 with cube.lock:
-                    cube.posts.append((tenant, targets, arrived))
-                data = json.dumps([f"job-{uuid.uuid4().hex[:8]}" for _ in targets]).encode()
-                self.send_response(200)
+                    refuse = "preAggregations" in selector and cube.rng.random() < cube.refuse_preaggs
+                    if refuse:
+                        cube.refused += 1
+                    else:
+                        cube.posts.append((tenant, targets, arrived))
+                answer: Any = (
+                    {"error": "A user's selector doesn't match any of the pre-aggregations"}
+                    if refuse
+                    else [f"job-{uuid.uuid4().hex[:8]}" for _ in targets]
+                )
+                data = json.dumps(answer).encode()
+                self.send_response(400 if refuse else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -248,12 +262,14 @@ class RaceResult:
     duration_s: float
     worst_staleness_ms: int
     details: list[str]
+    refused: int = 0
 
     def line(self) -> str:
         return (
             f"processes={self.processes} mutations={self.mutations} refreshes={self.refreshes} "
             f"max_refreshes_per_key_per_window={self.max_per_key_per_window} uncovered={self.uncovered} "
-            f"trailing_delivered={self.trailing_delivered} worst_staleness_ms={self.worst_staleness_ms} "
+            f"trailing_delivered={self.trailing_delivered} refused_preagg_selectors={self.refused} "
+            f"worst_staleness_ms={self.worst_staleness_ms} "
             f"duration_s={self.duration_s:.1f}"
         )
 
@@ -293,11 +309,17 @@ def drive_trailing(service: Any, queue_file: str, stop: threading.Event) -> int:
 
 
 def run_race(
-    endpoint: str, *, processes: int = 8, window_ms: int = 1_500, duration_s: float = 5.0, seed: int = 1
+    endpoint: str,
+    *,
+    processes: int = 8,
+    window_ms: int = 1_500,
+    duration_s: float = 5.0,
+    seed: int = 1,
+    refuse_preaggs: float = 0.0,
 ) -> RaceResult:
     began = time.monotonic()
     create_table(endpoint)
-    cube = CountingCube()
+    cube = CountingCube(refuse_preaggs)
     cube_url = cube.start()
     queue_dir = tempfile.mkdtemp(prefix="race-queue-")
     queue_file = os.path.join(queue_dir, "trailing.jsonl")
@@ -315,7 +337,9 @@ def run_race(
         stop.set()
         driver.join(timeout=window_ms / 1000 * 4 + 30)
         assert not driver.is_alive(), "trailing refreshes did not drain"
-        return evaluate(accepted, cube.posts, processes, window_ms, delivered[0], time.monotonic() - began)
+        result = evaluate(accepted, cube.posts, processes, window_ms, delivered[0], time.monotonic() - began)
+        result.refused = cube.refused
+        return result
     finally:
         cube.stop()
         shutil.rmtree(queue_dir, ignore_errors=True)
@@ -367,13 +391,19 @@ def main() -> int:
     parser.add_argument("--window-ms", type=int, default=1_500)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--refuse-preaggs", type=float, default=0.0, help="share of pre-aggregation selectors refused")
     args = parser.parse_args()
     for run in range(args.runs):
         workdir = Path(tempfile.mkdtemp(prefix=f"race-{args.backend}-"))
         proc, endpoint = (start_dynalite if args.backend == "dynalite" else start_moto)(workdir)
         try:
             result = run_race(
-                endpoint, processes=args.processes, window_ms=args.window_ms, duration_s=args.duration, seed=run + 1
+                endpoint,
+                processes=args.processes,
+                window_ms=args.window_ms,
+                duration_s=args.duration,
+                seed=run + 1,
+                refuse_preaggs=args.refuse_preaggs,
             )
         finally:
             proc.terminate()

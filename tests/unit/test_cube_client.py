@@ -7,7 +7,15 @@ import jwt
 import pytest
 
 from handler.adapters.cube import CubeJobsClient
-from handler.domain.errors import CubeRejected, CubeSecretUnavailable, CubeServerError, CubeTimeout, CubeUnreachable
+from handler.domain.errors import (
+    CubeError,
+    CubeRejected,
+    CubeSecretUnavailable,
+    CubeServerError,
+    CubeTimeout,
+    CubeUnreachable,
+)
+from handler.domain.model import RefreshKey, Selector
 from handler.domain.routing import build_selectors
 
 SECRET = "local-test-secret-that-is-32-bytes-long"
@@ -43,12 +51,23 @@ def ok(tokens=("tok-1",)):
     return httpx.Response(200, json=list(tokens))
 
 
+SELECTOR = Selector({"cubes": ["Users"]}, (RefreshKey("t", "Users"),))
+
+
+def only(c: CubeJobsClient, *, deadline_ms: int, tenant: str = "t") -> list[str]:
+    """The answer to a one-selector trigger, raised when it is an error."""
+    (answer,) = c.trigger(tenant, [SELECTOR], deadline_ms=deadline_ms)
+    if isinstance(answer, CubeError):
+        raise answer
+    return answer
+
+
 def test_cube_client_posts_the_job_request_with_the_tenant_context():
     server = Server(ok(["a", "b"]))
-    tokens = client(server).trigger(
-        "tenant-1", [s.body for s in build_selectors(["Users"], "tenant-1", ["UTC"])], deadline_ms=NOW + 60_000
+    answers = client(server).trigger(
+        "tenant-1", build_selectors(["Users"], "tenant-1", ["UTC"]), deadline_ms=NOW + 60_000
     )
-    assert tokens == ["a", "b"]
+    assert answers == [["a", "b"]]
     (request,) = server.requests
     assert request.method == "POST"
     assert str(request.url) == "http://cube.test/cubejs-api/v1/pre-aggregations/jobs"
@@ -65,7 +84,7 @@ def test_cube_client_posts_the_job_request_with_the_tenant_context():
 
 def test_cube_client_signs_a_short_lived_tenant_token_with_the_jobs_scope():
     server = Server(ok())
-    client(server, now=lambda: NOW).trigger("tenant-1", [{"cubes": ["Users"]}], deadline_ms=NOW + 60_000)
+    only(client(server, now=lambda: NOW), tenant="tenant-1", deadline_ms=NOW + 60_000)
     token = server.requests[0].headers["authorization"].removeprefix("Bearer ")
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
     assert claims["tenantId"] == "tenant-1"
@@ -78,7 +97,7 @@ def test_cube_client_signs_a_short_lived_tenant_token_with_the_jobs_scope():
 def test_cube_client_retries_a_500_then_succeeds():
     sleeps: list[float] = []
     server = Server(httpx.Response(500, json={"error": "boom"}), ok())
-    assert client(server, sleeps=sleeps).trigger("t", [{}], deadline_ms=NOW + 60_000) == ["tok-1"]
+    assert only(client(server, sleeps=sleeps), deadline_ms=NOW + 60_000) == ["tok-1"]
     assert len(server.requests) == 2
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.2
 
@@ -86,7 +105,7 @@ def test_cube_client_retries_a_500_then_succeeds():
 def test_cube_client_does_not_retry_a_4xx_and_keeps_cube_error_text():
     server = Server(httpx.Response(403, json={"error": "API scope is missing: jobs"}))
     with pytest.raises(CubeRejected, match=r"403.*API scope is missing: jobs") as info:
-        client(server).trigger("t", [{}], deadline_ms=NOW + 60_000)
+        only(client(server), deadline_ms=NOW + 60_000)
     assert info.value.status == 403
     assert len(server.requests) == 1
 
@@ -94,14 +113,14 @@ def test_cube_client_does_not_retry_a_4xx_and_keeps_cube_error_text():
 def test_cube_client_gives_up_after_the_configured_retries():
     server = Server(*[httpx.ConnectError("refused")] * 4)
     with pytest.raises(CubeUnreachable):
-        client(server, retries=3).trigger("t", [{}], deadline_ms=NOW + 60_000)
+        only(client(server, retries=3), deadline_ms=NOW + 60_000)
     assert len(server.requests) == 4
 
 
 def test_cube_client_retries_timeouts_and_reports_them_as_timeouts():
     server = Server(httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow"))
     with pytest.raises(CubeTimeout):
-        client(server, retries=1).trigger("t", [{}], deadline_ms=NOW + 60_000)
+        only(client(server, retries=1), deadline_ms=NOW + 60_000)
     assert len(server.requests) == 2
 
 
@@ -126,7 +145,7 @@ def test_cube_client_never_retries_past_the_deadline():
         now_ms=now,
     )
     with pytest.raises(CubeServerError):
-        c.trigger("t", [{}], deadline_ms=NOW + 5_000)
+        only(c, deadline_ms=NOW + 5_000)
     assert clock[0] <= NOW + 5_000
     assert len(server.requests) < 10
 
@@ -134,7 +153,7 @@ def test_cube_client_never_retries_past_the_deadline():
 def test_cube_client_with_no_time_left_does_not_call():
     server = Server()
     with pytest.raises(CubeTimeout):
-        client(server).trigger("t", [{}], deadline_ms=NOW - 1)
+        only(client(server), deadline_ms=NOW - 1)
     assert server.requests == []
 
 
@@ -153,6 +172,47 @@ def test_cube_client_unreadable_secret_is_a_typed_error_that_sends_nothing():
         now_ms=lambda: NOW,
     )
     with pytest.raises(CubeSecretUnavailable, match="RuntimeError") as info:
-        c.trigger("t", [{}], deadline_ms=NOW + 60_000)
+        only(c, deadline_ms=NOW + 60_000)
     assert info.value.error_class == "secret"
     assert server.requests == []
+
+
+def test_cube_client_answers_per_selector_and_keeps_the_jobs_of_accepted_selectors():
+    server = Server(ok(["u-1"]), httpx.Response(400, json={"error": "A user's selector doesn't match any"}))
+    selectors = build_selectors(["Users", "Tenants.summary"], "tenant-1", ["UTC"])
+    first, second = client(server).trigger("tenant-1", selectors, deadline_ms=NOW + 60_000)
+    assert first == ["u-1"]
+    assert isinstance(second, CubeRejected) and second.status == 400
+    assert len(server.requests) == 2
+
+
+def test_cube_client_unreadable_secret_fails_every_selector_without_a_request():
+    server = Server()
+
+    def no_secret() -> str:
+        raise RuntimeError("throttled")
+
+    c = CubeJobsClient("http://cube.test/cubejs-api", no_secret, timeout_ms=1_000, retries=0, now_ms=lambda: NOW)
+    answers = c.trigger("t", build_selectors(["Users", "Tenants.summary"], "t", ["UTC"]), deadline_ms=NOW + 60_000)
+    assert [type(a) for a in answers] == [CubeSecretUnavailable, CubeSecretUnavailable]
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, {"jobs": ["tok-1"]}, "tok-1", [1, 2], {"error": "x"}],
+    ids=["null", "object", "string", "ints", "err"],
+)
+def test_cube_client_2xx_without_a_json_array_of_tokens_is_a_server_error(body):
+    server = Server(*[httpx.Response(200, content=json.dumps(body).encode())] * 2)
+    with pytest.raises(CubeServerError, match="instead of a JSON array of job tokens") as info:
+        only(client(server, retries=1), deadline_ms=NOW + 60_000)
+    assert info.value.status == 200
+    assert info.value.retryable
+    assert len(server.requests) == 2  # retried like a 5xx
+
+
+def test_cube_client_2xx_with_a_non_json_body_is_a_server_error():
+    server = Server(httpx.Response(200, text="<html>ok</html>"))
+    with pytest.raises(CubeServerError, match="non-JSON body"):
+        only(client(server, retries=0), deadline_ms=NOW + 60_000)

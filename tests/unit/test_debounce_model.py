@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 from handler.adapters.aws import SQS_MAX_DELAY_S
 from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore
 from handler.domain.debounce import Debouncer
-from handler.domain.errors import CubeServerError, CubeUnreachable
-from handler.domain.model import EntityMutation, RecordRef, RefreshKey
-from handler.domain.ports import KeyState, TrailingMessage, WriteResult
+from handler.domain.errors import CubeRejected, CubeServerError, CubeUnreachable
+from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
+from handler.domain.ports import CubeAnswer, KeyState, TrailingMessage, WriteResult
 from handler.domain.routing import EntityCubeMap
 from handler.domain.service import TRAILING_RETRY_DELAYS_MS, RefreshService
 
@@ -74,6 +74,8 @@ class Spec:
     seed: int
     arrivals: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]
     outages: tuple[tuple[int, int], ...] = ()
+    # periods in which Cube answers 400 to pre-aggregation selectors only (other selectors queue)
+    preagg_refusals: tuple[tuple[int, int], ...] = ()
     crashes: tuple[tuple[int, str], ...] = ()  # (global port-call index, "before" | "after")
     fail_rate: float = 0.0
     dup_rate: float = 0.0
@@ -83,7 +85,7 @@ class Spec:
 
     @property
     def disturbed(self) -> bool:
-        return bool(self.outages or self.crashes or self.fail_rate)
+        return bool(self.outages or self.crashes or self.fail_rate or self.preagg_refusals)
 
 
 @dataclass
@@ -325,7 +327,7 @@ class Sim:
     def cube_down(self, at: int) -> bool:
         return any(a <= at < b for a, b in self.spec.outages)
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]]) -> list[str]:
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector]) -> list[CubeAnswer]:
         task = self.current
         assert task is not None
         self.invoke_delay_max = max(self.invoke_delay_max, self.now - task.started - task.failed_cube_ms)
@@ -338,14 +340,27 @@ class Sim:
             self.disruptions.append((at, at + post + INVOKE_MAX_MS + task.retry_ms))
             task.failed_cube_ms += post
             self.pause(post)
-            raise (CubeServerError if self.rng.random() < 0.5 else CubeUnreachable)("cube down", status=503)
-        tokens = []
+            error = (CubeServerError if self.rng.random() < 0.5 else CubeUnreachable)("cube down", status=503)
+            return [error for _ in selectors]
+        answers: list[CubeAnswer] = []
         for selector in selectors:
-            for name in [*selector.get("cubes", []), *selector.get("preAggregations", [])]:  # type: ignore[misc]
+            body = selector.body
+            if "preAggregations" in body and self.preaggs_refused(self.now):
+                # Cube answers 400 to this selector alone (a renamed pre-aggregation): the others
+                # are queued. Non-retryable: the records come back after the redelivery delay, a
+                # trailing refresh after the visibility timeout.
+                self.cube_failures += 1
+                self.disruptions.append((self.now, self.now + INVOKE_MAX_MS + self.spec.visibility_ms))
+                answers.append(CubeRejected("selector matches nothing", status=400))
+                continue
+            for name in [*body.get("cubes", []), *body.get("preAggregations", [])]:  # type: ignore[misc]
                 self.covers[RefreshKey(tenant_id, str(name))].append(self.now)
-                tokens.append(f"job-{name}")
+            answers.append([f"job-{k.target}" for k in selector.keys])
         self.pause(self.rng.randint(*CUBE_POST))
-        return tokens
+        return answers
+
+    def preaggs_refused(self, at: int) -> bool:
+        return any(a <= at < b for a, b in self.spec.preagg_refusals)
 
     # -- main loop
     def run(self, max_events: int = 200_000) -> bool:
@@ -433,8 +448,9 @@ class _SimCube:
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
-        return self.sim.op(lambda: self.sim.trigger(tenant_id, selectors), CUBE_PRE)
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        answers: list[CubeAnswer] = self.sim.op(lambda: self.sim.trigger(tenant_id, selectors), CUBE_PRE)
+        return answers
 
 
 # ----------------------------------------------------------------------------- the checker
@@ -568,10 +584,15 @@ def schedules(draw: st.DrawFn, *, disturbed: bool) -> Spec:
     crashes = tuple(
         draw(st.dictionaries(st.integers(0, 150), st.sampled_from(["before", "after"]), max_size=3)).items()
     )
+    refusals = tuple(
+        (a, a + length)
+        for a, length in draw(st.lists(st.tuples(st.integers(0, 4 * W), st.integers(1, 3 * W)), max_size=1))
+    )
     return Spec(
         seed=spec.seed,
         arrivals=spec.arrivals,
         outages=outages,
+        preagg_refusals=refusals,
         crashes=crashes,
         fail_rate=draw(st.sampled_from([0.0, 0.0, 0.1, 0.3])),
         dup_rate=spec.dup_rate,
@@ -718,6 +739,23 @@ def test_finding_staleness_after_transient_failure_is_bounded_by_w_plus_eps() ->
     verdict = simulate(FINDING_1)
     print(f"\n[finding-1] {verdict.violations}")
     assert not verdict.violations, verdict.violations
+
+
+# ISSUE 12.3 (fixed): one refused selector cancelled the tenant's other refreshes, including those
+# Cube had queued. A Group mutation posts `Groups` (accepted) and `Users.byGroup` (400, a renamed
+# pre-aggregation) for the tenant; every redelivery rebuilt `Groups` again, past 2 per window.
+# Now each key settles on its own selector: `Groups` stands, only `Users.byGroup` is released.
+REFUSED_PREAGG = Spec(seed=7, arrivals=((0, (("t1", "Group"),)),), preagg_refusals=((0, 8_000),))
+
+
+def test_model_refused_preaggregation_selector_does_not_rebuild_the_accepted_cube_again() -> None:
+    verdict = simulate(REFUSED_PREAGG)
+    assert verdict.violations == []
+    covers = verdict.sim.covers
+    # the leading refresh stands through the redeliveries (a trailing one may follow after W)
+    assert sum(1 for at in covers[RefreshKey("t1", "Groups")] if at < W) == 1
+    assert covers[RefreshKey("t1", "Users.byGroup")]  # covered once Cube accepts the selector again
+    assert verdict.sim.cube_failures >= 2
 
 
 def test_model_summary() -> None:

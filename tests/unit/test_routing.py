@@ -1,5 +1,6 @@
 import pytest
 
+from handler.domain.model import RefreshKey
 from handler.domain.routing import EntityCubeMap, build_selectors
 
 
@@ -35,3 +36,11 @@ def test_selectors_split_cubes_and_foreign_preaggregations_because_cube_ands_fil
     selectors = build_selectors(["Users", "Users.daily", "Groups.main"], "t1", ["UTC"])
     assert [s.body.get("cubes") for s in selectors] == [["Users"], None]
     assert [s.body.get("preAggregations") for s in selectors] == [None, ["Groups.main"]]
+
+
+def test_selectors_name_the_keys_they_cover_and_a_whole_cube_covers_its_preaggregations():
+    selectors = build_selectors(["Users", "Users.daily", "Groups.main"], "t1", ["UTC"])
+    assert [s.keys for s in selectors] == [
+        (RefreshKey("t1", "Users"), RefreshKey("t1", "Users.daily")),
+        (RefreshKey("t1", "Groups.main"),),
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -19,6 +19,8 @@ from handler.domain.errors import (
     CubeTimeout,
     CubeUnreachable,
 )
+from handler.domain.model import Selector
+from handler.domain.ports import CubeAnswer
 
 TOKEN_TTL_S = 300
 _MAX_ERROR_TEXT = 300
@@ -57,17 +59,24 @@ class CubeJobsClient:
         claims = {"tenantId": tenant_id, "scopes": ["jobs"], "iat": now, "exp": now + TOKEN_TTL_S}
         return jwt.encode(claims, self._secret(), algorithm="HS256")
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
-        tokens: list[str] = []
-        for selector in selectors:
-            tokens.extend(self._post(tenant_id, {"action": "post", "selector": dict(selector)}, deadline_ms))
-        return tokens
-
-    def _post(self, tenant_id: str, body: dict[str, Any], deadline_ms: int) -> Any:
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        """One POST per selector; a selector's failure is its own answer and never costs the jobs
+        Cube already queued for the others."""
         try:
             token = self.token_for(tenant_id)
         except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
-            raise CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})") from exc
+            error = CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})")
+            error.__cause__ = exc
+            return [error for _ in selectors]
+        answers: list[CubeAnswer] = []
+        for selector in selectors:
+            try:
+                answers.append(self._post(token, {"action": "post", "selector": selector.body}, deadline_ms))
+            except CubeError as exc:
+                answers.append(exc)
+        return answers
+
+    def _post(self, token: str, body: dict[str, Any], deadline_ms: int) -> list[str]:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         payload = json.dumps(body, separators=(",", ":")).encode()
         attempt = 0
@@ -80,16 +89,13 @@ class CubeJobsClient:
                 response = self._http.post(self.url, content=payload, headers=headers, timeout=timeout)
                 error = self._error_for(response)
                 if error is None:
-                    return response.json()
+                    return _job_tokens(response)
             except httpx.TimeoutException as exc:
                 error = CubeTimeout(f"Cube did not answer within {timeout:.1f}s ({type(exc).__name__})")
             except httpx.TransportError as exc:
                 error = CubeUnreachable(f"Cube unreachable ({type(exc).__name__})")
-            except ValueError as exc:  # 2xx with a body that is not JSON
-                error = CubeServerError(
-                    f"Cube answered {response.status_code} with a non-JSON body", status=response.status_code
-                )
-                error.__cause__ = exc
+            except CubeServerError as exc:  # 2xx whose body is not a JSON array of job tokens
+                error = exc
             if not error.retryable or attempt >= self.retries:
                 raise error
             # Exponential backoff with full jitter, never sleeping past the deadline.
@@ -108,6 +114,22 @@ class CubeJobsClient:
         if status < 500:
             return CubeRejected(f"Cube rejected the request ({status}): {text}", status=status)
         return CubeServerError(f"Cube failed ({status}): {text}", status=status)
+
+
+def _job_tokens(response: httpx.Response) -> list[str]:
+    """Cube answers a queued `post` with a JSON array of job tokens; anything else means Cube did
+    not (or not visibly) queue the jobs, so it counts as a server error: claims released, records
+    reported, retried like a 5xx."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    if not isinstance(body, list) or not all(isinstance(t, str) for t in body):
+        raise CubeServerError(
+            f"Cube answered {status} with {type(body).__name__} instead of a JSON array of job tokens", status=status
+        )
+    return body
 
 
 def _cube_error_text(response: httpx.Response) -> str:

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from handler.domain.errors import CubeError
-from handler.domain.model import RefreshKey
-from handler.domain.ports import KeyState, TrailingMessage, WriteResult
+from handler.domain.model import RefreshKey, Selector
+from handler.domain.ports import CubeAnswer, KeyState, TrailingMessage, WriteResult
 
 
 class InMemoryDebounceStore:
@@ -172,26 +172,32 @@ class RecordingScheduler:
 
 @dataclass
 class RecordingCube:
-    """Answers like Cube's jobs API: one token per selector target; can be told to fail.
-    Thread-safe, like the HTTP client it stands in for."""
+    """Answers like Cube's jobs API: one token per selector target. Can be told to fail: `failures`
+    are handed out one per selector, in order; `refuse` fails every selector naming that target
+    (a renamed pre-aggregation). Thread-safe, like the HTTP client it stands in for."""
 
     requests: list[tuple[str, list[dict[str, object]]]] = field(default_factory=list)
     failures: list[CubeError] = field(default_factory=list)
+    refuse: dict[str, CubeError] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        answers: list[CubeAnswer] = []
         with self._lock:
-            self.requests.append((tenant_id, [dict(s) for s in selectors]))
+            self.requests.append((tenant_id, [dict(s.body) for s in selectors]))
             number = len(self.requests)
-            failure = self.failures.pop(0) if self.failures else None
-        if failure is not None:
-            raise failure
-        tokens: list[str] = []
-        for selector in selectors:
-            names = selector.get("cubes") or selector.get("preAggregations") or []
-            assert isinstance(names, list)
-            tokens.extend(f"job-{tenant_id}-{name}-{number}" for name in names)
-        return tokens
+            for selector in selectors:
+                names = [*_names(selector.body, "cubes"), *_names(selector.body, "preAggregations")]
+                refused = next((self.refuse[n] for n in names if n in self.refuse), None)
+                failure = refused or (self.failures.pop(0) if self.failures else None)
+                answers.append(failure or [f"job-{tenant_id}-{name}-{number}" for name in names])
+        return answers
+
+
+def _names(body: Mapping[str, object], field_name: str) -> list[str]:
+    names = body.get(field_name) or []
+    assert isinstance(names, list)
+    return [str(n) for n in names]
 
 
 @dataclass

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
-from handler.domain.model import RefreshKey
+from handler.domain.errors import CubeError
+from handler.domain.model import RefreshKey, Selector
 
 
 class Clock(Protocol):
@@ -124,9 +125,15 @@ class TrailingScheduler(Protocol):
         ...
 
 
+# Cube's answer to one selector: the job tokens it queued, or why it did not.
+CubeAnswer: TypeAlias = list[str] | CubeError
+
+
 class CubeJobs(Protocol):
-    def trigger(self, tenant_id: str, selectors: Sequence[Mapping[str, object]], *, deadline_ms: int) -> list[str]:
-        """Queue pre-aggregation builds for one tenant; returns Cube's job tokens. Raises CubeError."""
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        """Queue pre-aggregation builds for one tenant: one answer per selector, in order, either
+        Cube's job tokens or the typed error of that selector. Never raises for one selector's
+        failure, so the jobs Cube accepted for the others are kept."""
         ...
 
 

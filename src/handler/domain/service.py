@@ -10,8 +10,8 @@ from typing import Protocol, TypeVar
 
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
-from handler.domain.model import EntityMutation, RecordRef, RefreshKey
-from handler.domain.ports import Clock, CubeJobs, Telemetry, TrailingMessage
+from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
+from handler.domain.ports import Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
 
 log = logging.getLogger(__name__)
@@ -251,63 +251,85 @@ class RefreshService:
     def _refresh_all(self, claims: dict[str, list[Claim]], deadline_ms: int, outcome: Outcome) -> set[RefreshKey]:
         """One Cube request per tenant (spread by the mapper), then the bookkeeping in order."""
 
-        def call(tenant_id: str) -> tuple[list[str] | CubeError, int]:
-            planned = build_selectors(
+        def call(tenant_id: str) -> tuple[list[Selector], list[CubeAnswer], int]:
+            selectors = build_selectors(
                 [c.key for c in claims[tenant_id]], tenant_id, self.timezones, max_selectors=self.max_selectors
             )
-            selectors = [s.body for s in planned]
             started = self.clock.now_ms()
-            try:
-                tokens = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
-            except CubeError as exc:
-                return exc, 0
-            return tokens, self.clock.now_ms() - started
+            answers = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+            return selectors, answers, self.clock.now_ms() - started
 
         tenants = sorted(claims)
         ok: set[RefreshKey] = set()
-        for tenant_id, result in zip(tenants, self._map(call, tenants), strict=True):
-            answer, latency = result
-            ok |= self._settle(tenant_id, claims[tenant_id], answer, latency, outcome)
+        for tenant_id, (selectors, answers, latency) in zip(tenants, self._map(call, tenants), strict=True):
+            ok |= self._settle(tenant_id, claims[tenant_id], selectors, answers, latency, outcome)
         return ok
 
-    def _settle(
-        self, tenant_id: str, claims: list[Claim], answer: list[str] | CubeError, latency: int, outcome: Outcome
+    def _settle(  # noqa: PLR0917
+        self,
+        tenant_id: str,
+        claims: list[Claim],
+        selectors: list[Selector],
+        answers: list[CubeAnswer],
+        latency: int,
+        outcome: Outcome,
     ) -> set[RefreshKey]:
-        if isinstance(answer, CubeError):
-            exc = answer
-            self.telemetry.count("CubeErrors")
-            self.telemetry.count("CubeErrorsByClass", dimension=("ErrorClass", exc.error_class))
-            log.warning(
-                "cube refused or failed the refresh",
-                extra={
-                    "tenant_id": tenant_id,
-                    "targets": [c.key.target for c in claims],
-                    "error_class": exc.error_class,
-                    "status": exc.status,
-                    "error": str(exc),
-                },
-            )
-            for claim in claims:
-                self._release(claim)
-                outcome.keys.append(KeyOutcome(claim.key, "failed", f"{exc.error_class}: {exc}"))
-                outcome.errors[claim.key] = exc
-            return set()
-        tokens = answer
-        self.telemetry.timing("CubeLatency", latency)
+        """Per key: refreshed when every selector covering it was accepted (with those selectors'
+        job tokens); otherwise its claim is released and the error kept for the caller."""
+        tokens: dict[RefreshKey, list[str]] = defaultdict(list)
+        errors: dict[RefreshKey, CubeError] = {}
+        for selector, answer in zip(selectors, answers, strict=True):
+            if isinstance(answer, CubeError):
+                self._log_cube_error(tenant_id, selector, answer)
+                for key in selector.keys:
+                    # A 4xx decides: retrying the key cannot help while one of its selectors is refused.
+                    if key not in errors or not answer.retryable:
+                        errors[key] = answer
+            else:
+                for key in selector.keys:
+                    tokens[key].extend(answer)
+        if len(errors) < len(claims):
+            self.telemetry.timing("CubeLatency", latency)
+        refreshed: list[Claim] = []
         for claim in claims:
+            error = errors.get(claim.key)
+            if error is not None:
+                self._release(claim)
+                outcome.keys.append(KeyOutcome(claim.key, "failed", f"{error.error_class}: {error}"))
+                outcome.errors[claim.key] = error
+                continue
+            refreshed.append(claim)
             self._refreshed(claim)
             self.telemetry.count("RefreshesTriggered")
             self.telemetry.count("RefreshesByCube", dimension=("Cube", claim.key.cube))
             if claim.oldest_event_ms is not None:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
-            outcome.keys.append(
-                KeyOutcome(claim.key, "refreshed", "trailing" if claim.trailing else "leading", tuple(tokens))
+            detail = "trailing" if claim.trailing else "leading"
+            outcome.keys.append(KeyOutcome(claim.key, "refreshed", detail, tuple(tokens[claim.key])))
+        if refreshed:
+            log.info(
+                "refresh queued",
+                extra={
+                    "tenant_id": tenant_id,
+                    "targets": [c.key.target for c in refreshed],
+                    "jobs": sum(len(a) for a in answers if not isinstance(a, CubeError)),
+                },
             )
-        log.info(
-            "refresh queued",
-            extra={"tenant_id": tenant_id, "targets": [c.key.target for c in claims], "jobs": len(tokens)},
+        return {c.key for c in refreshed}
+
+    def _log_cube_error(self, tenant_id: str, selector: Selector, exc: CubeError) -> None:
+        self.telemetry.count("CubeErrors")
+        self.telemetry.count("CubeErrorsByClass", dimension=("ErrorClass", exc.error_class))
+        log.warning(
+            "cube refused or failed the refresh",
+            extra={
+                "tenant_id": tenant_id,
+                "targets": [k.target for k in selector.keys],
+                "error_class": exc.error_class,
+                "status": exc.status,
+                "error": str(exc),
+            },
         )
-        return {c.key for c in claims}
 
     def _refreshed(self, claim: Claim) -> None:
         try:
