@@ -283,7 +283,7 @@ class Demo:
             say(f"   key {outcome.key.pk}: {outcome.status} -> {_plural(len(outcome.job_tokens), 'job')}")
         result = self.cube.wait_for_jobs(PRECISE_TENANT, tokens)
         after = self.cube.partition_tables(PRECISE_TENANT, PRECISE_TABLE)
-        rebuilt = sorted(p for p in before if after.get(p) != before[p])
+        rebuilt = sorted(p for p in after if after[p] - before.get(p, set()))  # a new table: rebuilt
         kept = len(before) - len(rebuilt)
         say(
             f"   {len(rebuilt)} of {len(before)} partitions rebuilt ({', '.join(rebuilt)}) in {result.seconds:.1f} s; "
