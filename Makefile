@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench scale bench-sim \
         stack-start stack-stop stack-status clean
 
 help:
@@ -36,8 +36,8 @@ test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, start
 
 test: lint typecheck template test-unit test-integration ## everything CI runs
 
-invoke: venv ## run the handler on EVENT with in-memory stand-ins (no Docker, no servers)
-	$(PY) -m preagg_cli.local invoke $(EVENT)
+invoke: venv ## run the handler on EVENT with in-memory stand-ins (STACK=1: against the local stack)
+	$(PY) -m preagg_cli.local invoke $(EVENT) $(if $(STACK),--stack)
 
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
 	$(PY) -m devstack.demo
@@ -47,14 +47,27 @@ bench: venv ## benchmarks (on demand): handler throughput/memory and cold import
 	$(PY) bench/bench_cold_import.py
 	$(PY) bench/bench_precise.py
 
-stack-start: venv ## start PostgreSQL, Cube, dynalite and moto server (idempotent)
+.venv/.bench-installed: requirements-bench.txt .venv/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	@touch $@
+
+scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
+	$(PY) -m bench.sim.report
+
+bench-sim: venv ## the simulation's smallest scenario against the real local stack (agreement check, ~2 min)
+	$(PY) -m bench.sim.agreement
+
+stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start
 
-stack-stop: ## stop the local stack
-	$(PY) -m devstack stop
+# stop and status need only the standard library: they work before .venv exists.
+STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
 
-stack-status: ## show each local service
-	$(PY) -m devstack status
+stack-stop: ## stop the local stack (says what it stopped)
+	@$(STACK_PY) -m devstack stop
+
+stack-status: ## show each local service (a stopped stack is not an error)
+	@$(STACK_PY) -m devstack status
 
 clean: ## remove build output and caches (keeps venvs and the stack)
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis

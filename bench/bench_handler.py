@@ -153,7 +153,7 @@ def _naive_runner(event: dict[str, Any]) -> Callable[[_Fakes], dict[str, Any]]:
         settings, store, cube, clock = fakes.settings, fakes.store, fakes.cube, fakes.clock
         failures = []
         for ref, value in iter_msk_records(event):
-            mutation = decode_value(ref, value)
+            mutation = decode_value(ref, value, now_ms=clock.now_ms())
             if isinstance(mutation, InvalidRecord):
                 failures.append(ref.as_failure())
                 continue

@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 
-from devstack.stack import SERVICES, Stack, StackError
+from devstack.stack import ALL_SERVICES, EVENT_SERVICES, SERVICES, Stack, StackError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,11 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start every service not running; wait until all answer")
     start.add_argument("--timeout", type=float, default=180.0, help="seconds to wait in all (default 180)")
-    start.add_argument("--service", choices=SERVICES, help="start only this service")
+    start.add_argument("--service", choices=ALL_SERVICES, help="start only this service")
+    start.add_argument(
+        "--no-event-sources", action="store_true", help="without the local Kafka endpoint and event source mappings"
+    )
     stop = commands.add_parser("stop", help="stop the services by PID")
     stop.add_argument("--purge", action="store_true", help="then delete .stack/ (cluster, secret, ports)")
-    stop.add_argument("--service", choices=SERVICES, help="stop only this service")
-    status = commands.add_parser("status", help="each service up/down with its URL; exit 1 if one is down")
+    stop.add_argument("--service", choices=ALL_SERVICES, help="stop only this service")
+    status = commands.add_parser(
+        "status", help="each service up/down with its URL; exit 1 if only some of the core services are up"
+    )
     status.add_argument("--json", action="store_true")
     env = commands.add_parser("env", help="print the environment for the Lambda code (`eval $(... env)`)")
     env.add_argument("--json", action="store_true")
@@ -35,23 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.service:
                 stack.start_service(args.service, timeout=args.timeout)
             else:
-                stack.start(timeout=args.timeout)
+                stack.start(timeout=args.timeout, event_sources=not args.no_event_sources)
             print(f"devstack: ready in {time.monotonic() - began:.1f} s; env in {stack.state / 'env.sh'}")
             for line in stack.status().values():
                 print(line.line())
         elif args.command == "stop":
-            if args.service:
-                stack.stop_service(args.service)
-            else:
-                stack.stop(purge=args.purge)
+            _stop(stack, args.service, args.purge)
         elif args.command == "status":
-            statuses = stack.status()
-            if args.json:
-                print(json.dumps({name: vars(s) for name, s in statuses.items()}, indent=2))
-            else:
-                for line in statuses.values():
-                    print(line.line())
-            return 0 if all(s.up for s in statuses.values()) else 1
+            return _status(stack, args.json)
         elif args.command == "env":
             environ = stack.env().as_environ()
             if args.json:
@@ -65,6 +61,43 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as error:
         print(f"devstack: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _stop(stack: Stack, service: str | None, purge: bool) -> None:
+    if service:
+        was_up = stack.status()[service].pid is not None
+        stack.stop_service(service)
+        print(f"devstack: stopped {service}" if was_up else f"devstack: {service} was not running")
+        return
+    stopped = stack.stop(purge=purge)
+    print(f"devstack: stopped {', '.join(stopped)}" if stopped else "devstack: nothing was running")
+    if purge:
+        print(f"devstack: deleted {stack.state} (cluster, secret, ports, logs)")
+
+
+def _status(stack: Stack, as_json: bool) -> int:
+    """Exit 0 when the stack is up, or entirely stopped (a message says how to start it); 1 when only
+    some core services are up."""
+    statuses = stack.status()
+    if as_json:
+        print(json.dumps({name: vars(s) for name, s in statuses.items()}, indent=2))
+        return 0
+    core_down = [name for name in SERVICES if not statuses[name].up]
+    if len(core_down) == len(SERVICES) and not any(statuses[name].up for name in EVENT_SERVICES):
+        print("devstack: the local stack is not running; start it with `make stack-start`")
+        return 0
+    for line in statuses.values():
+        print(line.line())
+    if core_down:
+        print(f"devstack: {', '.join(core_down)} down; `make stack-start` starts what is missing")
+        return 1
+    events_down = [name for name in EVENT_SERVICES if not statuses[name].up]
+    if events_down:
+        print(
+            f"devstack: {', '.join(events_down)} not running (no local Kafka or event sources); "
+            "`make stack-start` starts them"
+        )
     return 0
 
 

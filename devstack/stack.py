@@ -7,6 +7,13 @@ SQS), each a process on a loopback port, with state under `<repo>/.stack/`:
     .stack/logs/<service>.log  output of each service
     .stack/pg/data             the throwaway PostgreSQL cluster
     .stack/env.json, env.sh    what the Lambda code and the tests need to reach the stack
+    .stack/kafka.json          the local Kafka endpoint's address (written by devstack.kafka)
+    .stack/esm.json            written by devstack.esm once its Kafka consumer has partitions
+    .stack/logs/invocations.jsonl  one line per function invocation by the local event sources
+
+The event sources (`kafka`, then `esm`: a Kafka mock cluster and the local event source mappings,
+devstack/kafka.py and devstack/esm.py) start after the others, with `start(event_sources=True)`
+(what `python -m devstack start` does).
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devstack import _proc
-from devstack.template import debounce_table_spec
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -41,12 +47,16 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 SERVICES = ("postgres", "moto", "dynalite", "cube")
+# Started after SERVICES, in this order, once env.json exists: they read it.
+EVENT_SERVICES = ("kafka", "esm")
+ALL_SERVICES = SERVICES + EVENT_SERVICES
 
 REGION = "us-east-1"
 PG_USER = "cube"
 PG_DATABASE = "cube"
 DEBOUNCE_TABLE_NAME = "preagg-refresh-debounce"
 REFRESH_QUEUE_NAME = "preagg-refresh-trailing"
+REFRESH_DLQ_NAME = "preagg-refresh-trailing-dlq"
 CUBE_SECRET_NAME = "preagg-refresh/cube-api-secret"  # noqa: S105 - a name, not a secret
 # moto draws the random suffix of secret ARNs from a seedable generator: seeding it before the
 # secret is created keeps CUBE_API_SECRET_ARN the same across moto restarts.
@@ -79,6 +89,7 @@ class StackEnv:
     cube_api_secret_arn: str
     debounce_table_name: str
     refresh_queue_url: str
+    build_dead_letter_queue_url: str
     aws_endpoint_url_dynamodb: str
     aws_endpoint_url_secretsmanager: str
     # What boto3 itself reads: the variable is named after the service id "Secrets Manager", so the
@@ -90,6 +101,7 @@ class StackEnv:
     aws_secret_access_key: str
     pg_dsn: str
     cube_api_secret: str
+    kafka_bootstrap_servers: str = ""  # empty when the local Kafka endpoint is not running
 
     def as_environ(self) -> dict[str, str]:
         """The variables by their environment names (CUBE_API_URL, ...)."""
@@ -152,8 +164,9 @@ class Stack:
 
     # ---------------------------------------------------------------- public API
 
-    def start(self, timeout: float = 180.0) -> StackEnv:
-        """Start every service that is not running, wait until all answer, provision, return env."""
+    def start(self, timeout: float = 180.0, *, event_sources: bool = False) -> StackEnv:
+        """Start every service that is not running, wait until all answer, provision, return env.
+        `event_sources` also starts the local Kafka endpoint and the event source mappings."""
         with self._locked():
             deadline = time.monotonic() + timeout
             self._prepare()
@@ -162,18 +175,29 @@ class Stack:
             for name in SERVICES:
                 self._wait_ready(name, deadline)
                 self._after_ready(name)
-            return self._write_env()
+            env = self._write_env()
+            if event_sources:
+                for name in EVENT_SERVICES:
+                    self._spawn(name)
+                    self._wait_ready(name, deadline)
+                    env = self._write_env()
+            return env
 
-    def stop(self, purge: bool = False) -> None:
-        """Stop every service by its PID (reverse start order). `purge` then deletes `.stack/`."""
+    def stop(self, purge: bool = False) -> list[str]:
+        """Stop every service by its PID (reverse start order); the names of those that were running.
+        `purge` then deletes `.stack/`."""
+        stopped = []
         with self._locked():
-            for name in reversed(SERVICES):
+            for name in reversed(ALL_SERVICES):
+                if self._pid(name) is not None:
+                    stopped.append(name)
                 self._stop(name)
         if purge:
             if self.pg_dir.exists() and not self.pg_dir.is_relative_to(self.state):
                 shutil.rmtree(self.pg_dir.parent)
             if self.state.exists():
                 shutil.rmtree(self.state)
+        return stopped
 
     def start_service(self, name: str, timeout: float = 120.0) -> None:
         """(Re)start one stopped service, e.g. Cube after a test stopped it."""
@@ -182,7 +206,8 @@ class Stack:
             self._prepare()
             self._spawn(name)
             self._wait_ready(name, time.monotonic() + timeout)
-            self._after_ready(name)
+            if name in SERVICES:
+                self._after_ready(name)
             self._write_env()
 
     def stop_service(self, name: str) -> None:
@@ -198,7 +223,25 @@ class Stack:
             port = ports.get(name)
             up = pid is not None and port is not None and self._answers(name, port)
             result[name] = ServiceStatus(name, up, pid, self._url(name, port) if port else "(never started)")
+        for name in EVENT_SERVICES:
+            pid = self._pid(name)
+            up = pid is not None and self._answers(name, 0)
+            result[name] = ServiceStatus(name, up, pid, self._event_url(name) if up else "(not running)")
         return result
+
+    def _event_url(self, name: str) -> str:
+        if name == "kafka":
+            return str(self._read_state("kafka").get("bootstrap", ""))
+        data = self._read_state("esm")
+        return f"kafka {data.get('kafka') or '-'}; sqs {data.get('sqs')}"
+
+    def _read_state(self, name: str) -> dict[str, Any]:
+        """`.stack/kafka.json` / `.stack/esm.json`, written by the process once it is ready ({} before)."""
+        try:
+            data = json.loads((self.state / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def env(self) -> StackEnv:
         """The environment written by the last start (raises if the stack was never started)."""
@@ -243,8 +286,8 @@ class Stack:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _check_name(self, name: str) -> None:
-        if name not in SERVICES:
-            raise ValueError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+        if name not in ALL_SERVICES:
+            raise ValueError(f"unknown service {name!r}; one of {', '.join(ALL_SERVICES)}")
 
     def _read_ports(self) -> dict[str, int]:
         try:
@@ -379,6 +422,12 @@ class Stack:
 
     def _launch(self, name: str, port: int) -> tuple[list[str], Path, dict[str, str]]:
         env = dict(os.environ)
+        if name in EVENT_SERVICES:
+            env["PYTHONPATH"] = os.pathsep.join([str(self.root / "src"), str(self.root)])
+            env["PYTHONUNBUFFERED"] = "1"
+            (self.state / f"{name}.json").unlink(missing_ok=True)
+            arg = str(self.state / "kafka.json") if name == "kafka" else str(self.root)
+            return [sys.executable, "-m", f"devstack.{name}", arg], self.root, env
         node = shutil.which("node") or "node"
         if name == "postgres":
             settings = [f"--{key}={value}" for key, value in _PG_SETTINGS.items()]
@@ -426,6 +475,10 @@ class Stack:
     def _spawn(self, name: str) -> None:
         if self._pid(name) is not None:
             return  # already running: reuse (readiness is checked next)
+        if name in EVENT_SERVICES:
+            argv, cwd, env = self._launch(name, 0)
+            self._pid_file(name).write_text(f"{_proc.spawn(argv, cwd=cwd, env=env, log=self._log(name))}\n")
+            return
         port = self._ports()[name]
         if _proc.port_open(port):
             raise StackError(
@@ -438,6 +491,14 @@ class Stack:
         self._pid_file(name).write_text(f"{pid}\n")
 
     def _answers(self, name: str, port: int) -> bool:
+        if name in EVENT_SERVICES:
+            data = self._read_state(name)
+            if data.get("pid") != self._pid(name):
+                return False
+            if name == "kafka":
+                host, _, kafka_port = str(data.get("bootstrap", "")).rpartition(":")
+                return host == "127.0.0.1" and kafka_port.isdigit() and _proc.port_open(int(kafka_port))
+            return True
         if name == "postgres":
             result = subprocess.run(
                 [self._pg_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres"],
@@ -449,7 +510,7 @@ class Stack:
         return _proc.http_status(f"http://127.0.0.1:{port}/") is not None
 
     def _wait_ready(self, name: str, deadline: float) -> None:
-        port = self._ports()[name]
+        port = self._ports()[name] if name in SERVICES else 0
         while True:
             pid = self._pid(name)
             if pid is None:
@@ -532,13 +593,26 @@ class Stack:
             if current != secret:
                 sm.put_secret_value(SecretId=CUBE_SECRET_NAME, SecretString=secret)
         sqs: SQSClient = self._aws("sqs", port)
-        sqs.create_queue(QueueName=REFRESH_QUEUE_NAME)
+        from devstack.template import event_sources  # noqa: PLC0415 - PyYAML: status/stop run without .venv
+
+        # As template.yaml sets the trailing queue: visibility timeout and redrive to the DLQ.
+        sources = event_sources(self.root / "template.yaml")
+        dlq_url = sqs.create_queue(QueueName=REFRESH_DLQ_NAME)["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_url = sqs.create_queue(QueueName=REFRESH_QUEUE_NAME)["QueueUrl"]
+        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(sources.max_receive_count)}
+        sqs.set_queue_attributes(
+            QueueUrl=queue_url,
+            Attributes={"VisibilityTimeout": str(sources.visibility_timeout_s), "RedrivePolicy": json.dumps(redrive)},
+        )
 
     def _provision_dynalite(self) -> None:
         port = self._ports()["dynalite"]
         ddb: DynamoDBClient = self._aws("dynamodb", port)
         if DEBOUNCE_TABLE_NAME in ddb.list_tables()["TableNames"]:
             return
+        from devstack.template import debounce_table_spec  # noqa: PLC0415
+
         spec = debounce_table_spec(self.root / "template.yaml")
         kwargs: dict[str, Any] = {
             "TableName": DEBOUNCE_TABLE_NAME,
@@ -566,9 +640,9 @@ class Stack:
         sm: SecretsManagerClient = self._aws("secretsmanager", self._ports()["moto"])
         return sm.describe_secret(SecretId=CUBE_SECRET_NAME)["ARN"]
 
-    def _queue_url(self) -> str:
+    def _queue_url(self, name: str = REFRESH_QUEUE_NAME) -> str:
         sqs: SQSClient = self._aws("sqs", self._ports()["moto"])
-        return sqs.get_queue_url(QueueName=REFRESH_QUEUE_NAME)["QueueUrl"]
+        return sqs.get_queue_url(QueueName=name)["QueueUrl"]
 
     def _write_env(self) -> StackEnv:
         ports = self._ports()
@@ -578,6 +652,7 @@ class Stack:
             cube_api_secret_arn=self._secret_arn(),
             debounce_table_name=DEBOUNCE_TABLE_NAME,
             refresh_queue_url=self._queue_url(),
+            build_dead_letter_queue_url=self._queue_url(REFRESH_DLQ_NAME),
             aws_endpoint_url_dynamodb=f"http://127.0.0.1:{ports['dynalite']}",
             aws_endpoint_url_secretsmanager=moto,
             aws_endpoint_url_secrets_manager=moto,
@@ -587,6 +662,7 @@ class Stack:
             aws_secret_access_key=_LOCAL_AWS_KEY,
             pg_dsn=self._url("postgres", ports["postgres"]),
             cube_api_secret=self._cube_secret(),
+            kafka_bootstrap_servers=str(self._read_state("kafka").get("bootstrap", "")) if self._pid("kafka") else "",
         )
         environ = env.as_environ()
         (self.state / "env.json").write_text(json.dumps(environ, indent=2) + "\n")
@@ -605,4 +681,6 @@ _MARKERS = {
     "moto": "moto_server",
     "dynalite": "dynalite",
     "cube": "server.js",
+    "kafka": "devstack.kafka",
+    "esm": "devstack.esm",
 }

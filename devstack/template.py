@@ -100,3 +100,71 @@ def debounce_table_spec(template_path: Path) -> TableSpec:
         ttl_attribute=ttl_attribute if isinstance(ttl_attribute, str) else None,
         source=str(template_path.name),
     )
+
+
+@dataclass(frozen=True)
+class EventSources:
+    """What the two event source mappings and the trailing queue are set to in template.yaml (parameter
+    defaults resolved), so the local event sources behave as the deployed ones."""
+
+    topic: str
+    dead_letter_topic: str
+    consumer_group: str
+    starting_position: str
+    batch_size: int
+    batching_window_s: float
+    maximum_retry_attempts: int
+    bisect_on_function_error: bool
+    sqs_batch_size: int
+    visibility_timeout_s: int
+    max_receive_count: int
+
+
+def _resolve(value: Any, parameters: dict[str, Any], where: str) -> Any:
+    """A literal, or `!Ref Param` resolved to the parameter's default."""
+    if isinstance(value, dict) and set(value) == {"Ref"}:
+        default = (parameters.get(value["Ref"]) or {}).get("Default")
+        if default is None:
+            raise ValueError(f"template.yaml {where}: parameter {value['Ref']} has no default")
+        return default
+    return value
+
+
+def event_sources(template_path: Path) -> EventSources:
+    """Read the MSK and SQS events of the function, the trailing queue and the TimeoutSettings mapping."""
+    template = load_template(template_path)
+    parameters = template.get("Parameters") or {}
+    resources = template.get("Resources") or {}
+    function = next(
+        r for r in resources.values() if isinstance(r, dict) and r.get("Type") == "AWS::Serverless::Function"
+    )
+    events = function["Properties"]["Events"]
+    sqs = next(e["Properties"] for e in events.values() if e.get("Type") == "SQS")
+    # The Kafka trigger: a SAM MSK / SelfManagedKafka event, or a plain mapping with Topics.
+    kafka_events = [e["Properties"] for e in events.values() if e.get("Type") in ("MSK", "SelfManagedKafka")]
+    mappings = [
+        r["Properties"]
+        for r in resources.values()
+        if isinstance(r, dict) and r.get("Type") == "AWS::Lambda::EventSourceMapping" and "Topics" in r["Properties"]
+    ]
+    kafka = (kafka_events or mappings)[0]
+
+    def ref(props: dict[str, Any], key: str, default: Any = None) -> Any:
+        return _resolve(props.get(key, default), parameters, key)
+
+    dead_letter = parameters.get("DeadLetterTopic", {}).get("Default", f"{ref(kafka, 'Topics')[0]}.dlt")
+    timeout = str(parameters["FunctionTimeoutSeconds"]["Default"])
+    timeouts = template["Mappings"]["TimeoutSettings"][timeout]
+    return EventSources(
+        topic=str(_resolve(kafka["Topics"][0], parameters, "Topics")),
+        dead_letter_topic=str(dead_letter),
+        consumer_group=str(parameters.get("ConsumerGroupId", {}).get("Default", "preagg-refresh")),
+        starting_position=str(ref(kafka, "StartingPosition")),
+        batch_size=int(ref(kafka, "BatchSize", 100)),
+        batching_window_s=float(ref(kafka, "MaximumBatchingWindowInSeconds", 0.5)),
+        maximum_retry_attempts=int(ref(kafka, "MaximumRetryAttempts", -1)),
+        bisect_on_function_error=bool(ref(kafka, "BisectBatchOnFunctionError", False)),
+        sqs_batch_size=int(ref(sqs, "BatchSize", 10)),
+        visibility_timeout_s=int(timeouts["VisibilityTimeout"]),
+        max_receive_count=int(timeouts["MaxReceiveCount"]),
+    )

@@ -11,10 +11,11 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from handler.domain.decode import MalformedEvent, decode_msk_event, decode_trailing_message, iter_msk_records
+from handler.domain.decode import MalformedEvent, decode_msk_event, decode_queue_message, iter_msk_records
 from handler.domain.model import RecordRef
 from handler.domain.ports import TrailingMessage
 from handler.domain.service import Outcome, RefreshService
+from handler.domain.verify import RetriggerMessage, VerifyMessage
 from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
 from handler.operations import OperationError, run_operation
 from handler.settings import Settings, load_settings
@@ -42,26 +43,39 @@ def _deadline(context: LambdaContext | None) -> int:
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     try:
         return handle(event, context)
     finally:
         telemetry.flush_dimensioned()
 
 
+# Lambda's Kafka event sources: MSK, and self-managed Kafka (spelt both ways in AWS's examples).
+KAFKA_EVENT_SOURCES = ("aws:kafka", "SelfManagedKafka", "aws:SelfManagedKafka")
+UNRECOGNISED = "unrecognised event: expected an MSK batch, SQS trailing refreshes or an operation"
+
+
 def handle(
-    event: Mapping[str, Any],
+    event: Any,
     context: LambdaContext | None = None,
     *,
     service: RefreshService | None = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Route one invocation. `service` and `settings` are injectable for tests and local runs."""
+    """Route one invocation. `service` and `settings` are injectable for tests and local runs.
+    Raises MalformedEvent (one line naming the problem) for anything that is not one of the three."""
     settings = settings or SETTINGS
-    if event.get("eventSource") in ("aws:kafka", "SelfManagedKafka"):
+    if not isinstance(event, Mapping):
+        raise MalformedEvent(f"{UNRECOGNISED}; got {type(event).__name__}")
+    if event.get("eventSource") in KAFKA_EVENT_SOURCES:
         return handle_msk(event, context, service, settings)
     records = event.get("Records")
-    if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":
+    if (
+        isinstance(records, list)
+        and records
+        and isinstance(records[0], Mapping)
+        and records[0].get("eventSource") == "aws:sqs"
+    ):
         return handle_trailing(records, context, service, settings)
     if "operation" in event:
         try:
@@ -69,7 +83,7 @@ def handle(
         except OperationError as exc:
             logger.warning("operation rejected", extra={"error": str(exc)})
             return {"ok": False, "error": str(exc)}
-    raise MalformedEvent("unrecognised event: expected an MSK batch, SQS trailing refreshes or an operation")
+    raise MalformedEvent(UNRECOGNISED)
 
 
 def handle_msk(
@@ -84,7 +98,7 @@ def handle_msk(
         logger.info("refresh disabled: acknowledging batch", extra={"records": count})
         return {"batchItemFailures": []}
 
-    batch = decode_msk_event(event)
+    batch = decode_msk_event(event, now_ms=svc.clock.now_ms())
     tel.count("EventsReceived", batch.total)
     for bad in batch.invalid:
         logger.warning(
@@ -107,27 +121,57 @@ def handle_msk(
     return {"batchItemFailures": [ref.as_failure() for ref in ordered]}
 
 
+def _message_ids(records: list[Any]) -> list[str]:
+    """A failed SQS message is reported by its messageId: a record without one could not be
+    reported on its own, so such an event is refused whole (and retried whole) before any work."""
+    ids = []
+    for index, record in enumerate(records):
+        message_id = record.get("messageId") if isinstance(record, Mapping) else None
+        if not isinstance(message_id, str) or not message_id:
+            raise MalformedEvent(
+                f"SQS record {index} has no messageId: not an SQS event as Lambda sends it; nothing was processed"
+            )
+        ids.append(message_id)
+    return ids
+
+
 def handle_trailing(
-    records: list[Mapping[str, Any]], context: LambdaContext | None, service: RefreshService | None, settings: Settings
+    records: list[Any], context: LambdaContext | None, service: RefreshService | None, settings: Settings
 ) -> dict[str, Any]:
     svc = service or _service()
     if not settings.enabled:
         svc.telemetry.count("DisabledAcks", len(records))
         return {"batchItemFailures": []}
+    message_ids = _message_ids(records)
     ids: dict[RecordRef, str] = {}
-    messages: list[tuple[RecordRef, TrailingMessage]] = []
+    trailing: list[tuple[RecordRef, TrailingMessage]] = []
+    verify: list[tuple[RecordRef, VerifyMessage]] = []
+    retrigger: list[tuple[RecordRef, RetriggerMessage]] = []
     failed: set[RecordRef] = set()
     for index, record in enumerate(records):
         ref = RecordRef("sqs", index)
-        ids[ref] = str(record.get("messageId"))
+        ids[ref] = message_ids[index]
         try:
-            messages.append((ref, decode_trailing_message(record.get("body", ""))))
+            message = decode_queue_message(record.get("body", ""))
         except ValueError as exc:
-            logger.warning("invalid trailing message", extra={"message_id": ids[ref], "error": str(exc)})
+            logger.warning("invalid queue message", extra={"message_id": ids[ref], "error": str(exc)})
             failed.add(ref)
-    outcome = svc.process_trailing(messages, deadline_ms=_deadline(context))
-    failed |= outcome.failed
-    _log_outcome(outcome, len(records), len(failed))
+            continue
+        if isinstance(message, VerifyMessage):
+            verify.append((ref, message))
+        elif isinstance(message, RetriggerMessage):
+            retrigger.append((ref, message))
+        else:
+            trailing.append((ref, message))
+    deadline = _deadline(context)
+    for outcome in (
+        svc.process_trailing(trailing, deadline_ms=deadline),
+        svc.process_retrigger(retrigger, deadline_ms=deadline) if retrigger else None,
+        svc.process_verify(verify, deadline_ms=deadline) if verify else None,
+    ):
+        if outcome is not None:
+            failed |= outcome.failed
+            _log_outcome(outcome, len(records), len(failed))
     return {"batchItemFailures": [{"itemIdentifier": ids[ref]} for ref in sorted(failed, key=lambda r: r.offset)]}
 
 

@@ -1,4 +1,5 @@
-"""Operator CLI `preagg-refresh`: refresh now, debounce stats, clear debounce state, replay failed records.
+"""Operator CLI `preagg-refresh`: refresh now, debounce stats, clear debounce state, replay failed records,
+and (local stack only) produce mutations to the local Kafka topic.
 
 Targets: `--stack NAME` (a deployed stack, found through its CloudFormation outputs; operations run in
 the function through lambda:InvokeFunction) or `--local` (the local stack of `make stack-start`,
@@ -10,11 +11,14 @@ See docs/operations.md.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
 import re
 import sys
+import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_FILE = Path(".stack") / "env.json"
 STACK_OUTPUTS = ("FunctionName", "DebounceTableName", "TrailingQueueUrl", "DeadLetterBucketName")
+TOPIC = "core.entities.lifecycle.mutated"
+DEAD_LETTER_TOPIC = f"{TOPIC}.dlt"
 
 
 class UsageError(Exception):
@@ -52,6 +58,7 @@ class Target:
     routes: Callable[[], EntityCubeMap]
     s3: Callable[[], S3Client]
     dead_letter_bucket: str | None = None
+    kafka: str | None = None  # the local stack's Kafka endpoint ("" when it is not running)
 
 
 def find_env_file(start: Path | None = None) -> Path | None:
@@ -71,7 +78,9 @@ def local_target(env_file: Path) -> Target:
         raise UsageError(f"cannot read {env_file} ({exc}): restart the local stack with `make stack-start`") from None
     if not isinstance(env, dict):
         raise UsageError(f"{env_file} is not a JSON object: restart the local stack with `make stack-start`")
+    log_file = env_file.parent / "logs" / "cli-function.log"
     os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "preagg-refresh")
     os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
@@ -87,12 +96,14 @@ def local_target(env_file: Path) -> Target:
 
         handler = logger.registered_handler
         if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)  # the function's logs must not mix with the CLI's stdout
+            # The function's JSON logs go to a file, not in front of the CLI's human output.
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler.setStream(log_file.open("a", encoding="utf-8"))
         try:
             return app.handle(payload)
         except Exception as exc:
             raise OperationFailed(
-                f"{type(exc).__name__}: {exc}. Is the local stack up? `python -m devstack status`"
+                f"{type(exc).__name__}: {exc}. Is the local stack up? `make stack-status` (function log: {log_file})"
             ) from exc
 
     def routes() -> EntityCubeMap:
@@ -108,7 +119,7 @@ def local_target(env_file: Path) -> Target:
 
         return boto3.client("s3")
 
-    return Target(f"local stack ({env_file})", invoke, routes, s3)
+    return Target(f"local stack ({env_file})", invoke, routes, s3, kafka=str(env.get("KAFKA_BOOTSTRAP_SERVERS", "")))
 
 
 def stack_outputs(stack: str, cfn: Any = None) -> dict[str, str]:
@@ -295,7 +306,7 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
     if not keys:
         print(f"no debounce state (window {window} ms)", file=out)
         return
-    rows = [["TENANT", "TARGET", "LAST REFRESH", "WINDOW ENDS", "TRAILING", "PENDING SINCE", "EXPIRES"]]
+    rows = [["TENANT", "TARGET", "LAST REFRESH", "WINDOW ENDS", "TRAILING", "PENDING SINCE", "LAST BUILD", "EXPIRES"]]
     for key in keys:
         trailing = key.get("trailingRefresh")
         pending = f"{trailing['state']}, due {_when(trailing.get('dueAt'), now)}" if trailing else "-"
@@ -308,11 +319,41 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
                 _when(key.get("windowEndsAt"), now),
                 pending,
                 _when(trailing.get("pendingSince"), now) if trailing else "-",
+                describe_build(key.get("lastBuild"), now),
                 _when(key.get("expiresAt"), now),
             ]
         )
     _table(rows, out)
     print(f"{len(keys)} key(s), window {window} ms", file=out)
+
+
+def describe_build(build: Mapping[str, Any] | None, now: datetime) -> str:
+    """`last built 12:00:03Z (freshness lag 4.1 s)` or `build failed: <reason> (re-trigger 2/5 due ...)`."""
+    if not build:
+        return "-"
+    if build.get("status") == "done":
+        lag = build.get("freshnessLagMs")
+        lag_text = f" (freshness lag {lag / 1000:.1f} s)" if isinstance(lag, int) else ""
+        return f"last built {_when(build.get('seenAt'), now)}{lag_text}"
+    reason = f"{build.get('failureClass')}: {build.get('error')}" if build.get("error") else build.get("failureClass")
+    failures, most = build.get("failures") or 0, build.get("maxRetriggers") or 0
+    if build.get("status") == "dead_lettered":
+        return f"build failed: {reason} (dead-lettered after {most} re-triggers)"
+    due = build.get("retriggerDueAt")
+    retry = f"re-trigger {failures}/{most} due {_when(due, now)}" if due else "covered by a newer refresh"
+    return f"build failed: {reason} ({retry})"
+
+
+def print_jobs(result: Mapping[str, Any], out: TextIO) -> None:
+    keys = result.get("keys", [])
+    if not keys:
+        print(f"no refresh with job tokens recorded for tenant {result.get('tenantId')}", file=out)
+        return
+    rows = [["TARGET", "REFRESH STARTED", "JOB", "STATUS", "TABLE"]]
+    for key in keys:
+        for job in key.get("jobs", []):
+            rows.append([key["target"], key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
+    _table(rows, out)
 
 
 def print_plan(plan: replay.ReplayPlan, out: TextIO) -> None:
@@ -376,6 +417,20 @@ def cmd_stats(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    payload: dict[str, Any] = {"operation": "jobs", "tenantId": args.tenant}
+    if args.cube:
+        payload["cubes"] = args.cube
+    result = target.invoke(payload)
+    if result.get("ok") is False:
+        raise OperationFailed(f"Cube's job states could not be read: {result.get('error')}")
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        print_jobs(result, out)
+    return EXIT_OK
+
+
 def cmd_clear(args: argparse.Namespace, target: Target, out: TextIO, stdin: TextIO, err: TextIO) -> int:
     scope = f"cube(s) {', '.join(args.cube)}" if args.cube else "ALL cubes"
     if not args.yes:
@@ -399,13 +454,31 @@ def cmd_clear(args: argparse.Namespace, target: Target, out: TextIO, stdin: Text
     return EXIT_OK
 
 
+def _local_kafka(target: Target) -> str:
+    if target.kafka is None:
+        raise UsageError(
+            "the dead-letter topic of a deployed stack needs an IAM-auth Kafka client: dump it to JSON lines "
+            "and pass --file dump.jsonl (docs/operations.md)"
+        )
+    if not target.kafka:
+        raise UsageError("the local Kafka endpoint is not running: start the local stack with `make stack-start`")
+    return target.kafka
+
+
 def _read_replay_input(args: argparse.Namespace, target: Target) -> list[replay.KafkaRecord]:
     if args.file:
         return replay.read_file(args.file)
+    if args.dlt:
+        return replay.read_kafka(_local_kafka(target), DEAD_LETTER_TOPIC)
     from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
     uri = args.s3
     if uri == "dlq":
+        if target.kafka is not None:
+            raise UsageError(
+                f"the local stack dead-letters to the Kafka topic {DEAD_LETTER_TOPIC}, not to a bucket: "
+                "use `preagg-refresh replay --dlt --dry-run`"
+            )
         if not target.dead_letter_bucket:
             raise UsageError("the stack has no DeadLetterBucketName output (Kafka dead letter?): pass --file dump.json")
         uri = f"s3://{target.dead_letter_bucket}/"
@@ -456,6 +529,88 @@ def cmd_replay(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     return EXIT_OK if result.ok and not skipped else EXIT_FAILED
 
 
+def _produce_values(args: argparse.Namespace, stdin: TextIO) -> list[tuple[bytes | None, bytes | None, list[Any]]]:
+    """(key, value, headers) of each record to publish."""
+    from preagg_cli import local  # noqa: PLC0415
+
+    if args.tenant:
+        mutation = {
+            "eventType": args.event_type,
+            "entityType": args.entity_type,
+            "entityId": args.entity_id or f"local-{uuid.uuid4().hex[:8]}",
+            "tenantId": args.tenant,
+            "timestamp": int(time.time() * 1000),
+        }
+        return [(args.tenant.encode(), json.dumps(mutation).encode(), [])]
+    if args.file:
+        try:
+            lines = local.read_lines(stdin) if args.file == "-" else local.read_lines_from(args.file)
+        except local.InputError as exc:
+            raise UsageError(str(exc)) from None
+        out: list[tuple[bytes | None, bytes | None, list[Any]]] = []
+        for value in lines:
+            if isinstance(value, dict):
+                tenant = value.get("tenantId")
+                out.append((str(tenant).encode() if tenant else None, json.dumps(value).encode(), []))
+            else:  # a JSON string is the raw record value, null a tombstone (as make-event)
+                out.append((None, value.encode() if isinstance(value, str) else None, []))
+        return out
+    try:
+        records = replay.read_file(args.event)
+    except replay.ReplayInputError as exc:
+        raise UsageError(str(exc)) from None
+
+    def raw(b64: Any) -> bytes | None:
+        if b64 is None:
+            return None
+        try:
+            return base64.b64decode(b64, validate=True)
+        except ValueError:
+            return str(b64).encode()  # not base64 in the sample: publish the text as it is
+
+    return [
+        (
+            raw(r.get("key")),
+            raw(r.get("value")),
+            [(n, bytes(v)) for h in r.get("headers") or [] if isinstance(h, dict) for n, v in h.items()],
+        )
+        for r in records
+    ]
+
+
+def cmd_produce(args: argparse.Namespace, target: Target, out: TextIO, stdin: TextIO) -> int:
+    bootstrap = _local_kafka(target)
+    values = _produce_values(args, stdin)
+    if not values:
+        raise UsageError("nothing to produce: the input holds no records")
+    from confluent_kafka import KafkaException, Producer  # noqa: PLC0415 - a dev dependency
+
+    delivered: list[str] = []
+    errors: list[str] = []
+
+    def report(error: Any, message: Any) -> None:
+        if error is not None:
+            errors.append(str(error))
+        else:
+            delivered.append(f"{message.topic()}-{message.partition()}@{message.offset()}")
+
+    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "message.timeout.ms": 10000})
+    try:
+        for key, value, headers in values:
+            producer.produce(args.topic, value=value, key=key, headers=headers, on_delivery=report)
+        left = producer.flush(15)
+    except KafkaException as exc:
+        raise OperationFailed(
+            f"cannot produce to {bootstrap}: {exc}. Is the local stack up? `make stack-status`"
+        ) from None
+    if errors or left:
+        problem = errors[0] if errors else f"{left} record(s) not delivered in 15 s"
+        raise OperationFailed(f"producing to {args.topic} at {bootstrap} failed: {problem}. `make stack-status`")
+    print(f"produced {len(delivered)} record(s) to {args.topic} at {bootstrap}: {', '.join(delivered)}", file=out)
+    print("the local event source mapping delivers them to the function: tail -f .stack/logs/esm.log", file=out)
+    return EXIT_OK
+
+
 # -- parsing -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -468,33 +623,64 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the raw result as JSON")
 
     parser = argparse.ArgumentParser(
-        prog="preagg-refresh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="preagg-refresh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    refresh = sub.add_parser("refresh", parents=[common], help="refresh a tenant's cubes now")
+    refresh = sub.add_parser("refresh", parents=[common], allow_abbrev=False, help="refresh a tenant's cubes now")
     refresh.add_argument("--tenant", required=True)
     what = refresh.add_mutually_exclusive_group(required=True)
     what.add_argument("--entity-type", help="refresh the cubes this entity type maps to")
     what.add_argument("--cube", action="append", help="cube name or Cube.preAggregation id (repeatable)")
     refresh.add_argument("--force", action="store_true", help="refresh even within the debounce window")
 
-    stats = sub.add_parser("stats", parents=[common], help="show debounce state per tenant and cube")
+    stats = sub.add_parser(
+        "stats", parents=[common], allow_abbrev=False, help="show debounce state per tenant and cube"
+    )
     stats.add_argument("--tenant")
     stats.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
 
-    clear = sub.add_parser("clear", parents=[common], help="delete debounce state of a tenant (or some cubes)")
+    jobs = sub.add_parser("jobs", parents=[common], help="show live Cube job states of a tenant's latest refreshes")
+    jobs.add_argument("--tenant", required=True)
+    jobs.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
+
+    clear = sub.add_parser(
+        "clear", parents=[common], allow_abbrev=False, help="delete debounce state of a tenant (or some cubes)"
+    )
     clear.add_argument("--tenant", required=True)
     clear.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-    rep = sub.add_parser("replay", parents=[common], help="replay failed records through the pipeline")
+    rep = sub.add_parser(
+        "replay", parents=[common], allow_abbrev=False, help="replay failed records through the pipeline"
+    )
     source = rep.add_mutually_exclusive_group(required=True)
     source.add_argument("--s3", metavar="s3://BUCKET/PREFIX", help="on-failure objects (`dlq`: the stack's bucket)")
     source.add_argument("--file", metavar="DUMP", help="JSON or JSON lines: DLT records, on-failure records, events")
+    source.add_argument("--dlt", action="store_true", help=f"the local stack's dead-letter topic {DEAD_LETTER_TOPIC}")
     rep.add_argument("--dry-run", action="store_true", help="show what would be replayed; send nothing")
     rep.add_argument("--skip-invalid", action="store_true", help="invalid records do not make the exit code 1")
     rep.add_argument("--batch-size", type=int, default=replay.BATCH_RECORDS, help=argparse.SUPPRESS)
+
+    produce = sub.add_parser(
+        "produce",
+        parents=[common],
+        allow_abbrev=False,
+        help="publish mutations to the local Kafka topic (local stack only)",
+        description="Publish entity mutations to the local stack's Kafka topic, as a service's producer would. "
+        "The local event source mapping delivers them to the function (watch .stack/logs/esm.log).",
+    )
+    given = produce.add_mutually_exclusive_group(required=True)
+    given.add_argument("--tenant", help="one mutation of this tenant (with --entity-type)")
+    given.add_argument("--file", metavar="JSONL", help="mutations as JSON lines ('-': stdin), as make-event reads")
+    given.add_argument("--event", metavar="EVENT.json", help="the records of an MSK event file, e.g. events/*.json")
+    produce.add_argument("--entity-type", default="User", help="with --tenant (default User)")
+    produce.add_argument("--entity-id", help="with --tenant (default: a new id)")
+    produce.add_argument("--event-type", default="entity.updated", help="with --tenant (default entity.updated)")
+    produce.add_argument("--topic", default=TOPIC, help=argparse.SUPPRESS)
     return parser
 
 
@@ -522,8 +708,12 @@ def main(
             return cmd_refresh(args, resolved, out)
         if args.command == "stats":
             return cmd_stats(args, resolved, out)
+        if args.command == "jobs":
+            return cmd_jobs(args, resolved, out)
         if args.command == "clear":
             return cmd_clear(args, resolved, out, inp, err)
+        if args.command == "produce":
+            return cmd_produce(args, resolved, out, inp)
         return cmd_replay(args, resolved, out)
     except UsageError as exc:
         print(f"error: {exc}", file=err)

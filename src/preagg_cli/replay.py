@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,6 +245,7 @@ class ReplayPlan:
 
 def plan(records: Iterable[KafkaRecord], routes: EntityCubeMap) -> ReplayPlan:
     """Decode every record (as the function would) and count what a replay would touch."""
+    now = time.time_ns() // 1_000_000
     seen: set[RecordRef] = set()
     ordered = sorted(records, key=lambda r: (r["topic"], r["partition"], r["offset"]))
     result = ReplayPlan(records=[])
@@ -253,7 +255,7 @@ def plan(records: Iterable[KafkaRecord], routes: EntityCubeMap) -> ReplayPlan:
             result.duplicates += 1
             continue
         seen.add(ref)
-        decoded = decode_value(ref, record.get("value"))
+        decoded = decode_value(ref, record.get("value"), now_ms=now)
         if isinstance(decoded, InvalidRecord):
             result.invalid.append(decoded)
             continue
@@ -349,3 +351,51 @@ def run(
         if progress:
             progress(done, len(events))
     return result
+
+
+def read_kafka(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[KafkaRecord]:
+    """Every record on `topic` (a dead-letter topic), from the first offset to the end, without a
+    consumer group (nothing is committed: reading it again gives the same records). A record whose value
+    is an on-failure envelope is unwrapped to the record it carries."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition  # noqa: PLC0415
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "preagg-refresh-replay", "log_level": 3})
+    try:
+        try:
+            metadata = consumer.list_topics(topic, timeout=timeout_s)
+        except KafkaException as exc:
+            raise ReplayInputError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+        partitions = sorted((metadata.topics.get(topic) and metadata.topics[topic].partitions) or {})
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in partitions}
+        wanted = {p: high for p, (low, high) in ends.items() if high > low}
+        if not wanted:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in wanted])
+        records: list[KafkaRecord] = []
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(wanted) and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.5):
+                if message.error():
+                    continue
+                partition, offset = int(message.partition() or 0), int(message.offset() or 0)
+                source = f"{topic}-{partition}@{offset}"
+                raw = message.value()
+                try:
+                    doc = json.loads(raw) if raw is not None else None
+                except ValueError:
+                    doc = None
+                if isinstance(doc, Mapping) and _is_envelope(doc):
+                    records.extend(_envelope_records(doc, source))
+                else:
+                    value = base64.b64encode(raw).decode() if raw is not None else None
+                    records.append(
+                        _record({"topic": topic, "partition": partition, "offset": offset, "value": value}, source)
+                    )
+                if offset + 1 >= wanted[partition]:
+                    done.add(partition)
+        if len(done) < len(wanted):
+            raise ReplayInputError(f"timed out reading {topic} at {bootstrap} after {timeout_s:.0f} s")
+        return records
+    finally:
+        consumer.close()

@@ -225,7 +225,11 @@ def test_sample_event_through_the_stack(name: str, make_function, cube_api: Cube
     fn = make_function()
     event = json.loads((EVENTS / name).read_text())
     routes = EntityCubeMap()
-    keys = {(m.tenant_id, t) for _, m in decode_msk_event(event).mutations for t in routes.targets_for(m.entity_type)}
+    keys = {
+        (m.tenant_id, t)
+        for _, m in decode_msk_event(event, now_ms=now_ms()).mutations
+        for t in routes.targets_for(m.entity_type)
+    }
     for tenant, target in keys:
         fn.reset(tenant, target)
 

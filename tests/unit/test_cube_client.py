@@ -216,3 +216,11 @@ def test_cube_client_2xx_with_a_non_json_body_is_a_server_error():
     server = Server(httpx.Response(200, text="<html>ok</html>"))
     with pytest.raises(CubeServerError, match="non-JSON body"):
         only(client(server, retries=0), deadline_ms=NOW + 60_000)
+
+
+def test_cube_client_redacts_a_token_cube_echoes_in_its_error_text():
+    jwt_text = "eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRJZCI6InQxIn0.c2lnbmF0dXJl"
+    server = Server(httpx.Response(403, json={"error": f"Invalid token Bearer {jwt_text} / {jwt_text}"}))
+    with pytest.raises(CubeRejected) as info:
+        only(client(server), deadline_ms=NOW + 60_000)
+    assert str(info.value) == "Cube rejected the request (403): Invalid token Bearer [redacted] / [redacted]"

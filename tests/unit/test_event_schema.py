@@ -4,6 +4,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from handler.domain.model import EntityMutation, InvalidRecord, RecordRef
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs" / "entity-mutation.schema.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)
+# Refusals that depend on the function's clock, which a schema cannot express.
+CLOCK_CHECKS = {"future_timestamp"}
 MSK_SAMPLES = sorted(
     p for p in (ROOT / "events").glob("*.json") if json.loads(p.read_text()).get("eventSource") == "aws:kafka"
 )
@@ -41,14 +44,14 @@ def test_schema_is_a_valid_draft_2020_12_schema():
 @pytest.mark.parametrize("path", MSK_SAMPLES, ids=lambda p: p.name)
 def test_every_sample_record_the_decoder_accepts_validates_and_every_other_json_record_does_not(path):
     for where, raw, parsed in sample_records(path):
-        decoded = decode_value(RecordRef("t-0", 0), raw)
+        decoded = decode_value(RecordRef("t-0", 0), raw, now_ms=int(time.time() * 1000))
         if parsed is None:
             assert isinstance(decoded, InvalidRecord), where
             continue
         errors = [e.message for e in VALIDATOR.iter_errors(parsed)]
         if isinstance(decoded, EntityMutation):
             assert errors == [], f"{where}: decoded but the schema says {errors}"
-        else:
+        elif decoded.reason not in CLOCK_CHECKS:
             assert errors, f"{where}: the decoder refused it ({decoded.detail}) but the schema accepts it"
 
 

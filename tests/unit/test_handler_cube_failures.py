@@ -137,3 +137,14 @@ def test_cube_refusing_one_selector_on_the_trailing_path_fails_only_its_message(
     assert response == {"batchItemFailures": [{"itemIdentifier": "Tenants.summary"}]}  # 4xx: back to SQS
     assert cube.users_builds == 2  # the leading and the trailing refresh
     assert rig.store.get(RefreshKey("tenant-1", "Users")).trailing_token is None  # finished
+
+
+def test_cube_2xx_with_a_null_or_object_body_reports_the_records_and_releases_the_claim():
+    for body in (b"null", b'{"queued": true}'):
+        rig = Rig()
+        cube = Cube(httpx.Response(200, content=body))
+        response = app.handle(EVENT, None, service=service_with(cube, rig))
+        assert [f["itemIdentifier"]["offset"] for f in response["batchItemFailures"]] == [100, 101], body
+        assert cube.calls == 4  # retried like a 5xx: the first try and 3 retries
+        assert rig.store.get(KEY).claim_token is None  # released
+        assert rig.telemetry.counts["CubeErrorsByClass[ErrorClass=server]"] == 1

@@ -5,6 +5,7 @@ import json
 import sys
 
 from handler.domain.decode import decode_msk_event
+from handler.wiring import now_ms
 from preagg_cli import local
 from tests.builders import EVENTS, mutation
 
@@ -16,7 +17,7 @@ def test_make_event_builds_an_msk_event_from_json_lines(monkeypatch, capsys):
     event = json.loads(capsys.readouterr().out)
     assert event["eventSource"] == "aws:kafka"
     assert all(key.startswith("core.entities.lifecycle.mutated-") for key in event["records"])
-    batch = decode_msk_event(event)
+    batch = decode_msk_event(event, now_ms=now_ms())
     assert [m.tenant_id for _, m in batch.mutations] == ["tenant-1", "tenant-2"]
     assert sorted(b.reason for b in batch.invalid) == ["bad_base64", "null_value"]
 

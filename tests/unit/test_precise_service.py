@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from handler import app
-from handler.domain.decode import decode_msk_event, decode_trailing_message, trailing_body
+from handler.domain.decode import decode_msk_event, decode_queue_message, decode_trailing_message, trailing_body
 from handler.domain.model import RecordRef, RefreshKey
 from handler.domain.routing import EntityCubeMap
+from handler.domain.verify import BuildTarget, RetriggerMessage, RetriggerTarget, VerifyMessage
 from tests.builders import Rig, load_event, msk_event, mutation
 
 DAILY = "Users.dailyStatusCounts"
@@ -32,7 +35,10 @@ def hinted(old: str, new: str, **extra: object) -> dict[str, object]:
 
 
 def run(r: Rig, *values: dict[str, object]):
-    refs = [(RecordRef("t-0", i), m) for i, (_, m) in enumerate(decode_msk_event(msk_event(*values)).mutations)]
+    refs = [
+        (RecordRef("t-0", i), m)
+        for i, (_, m) in enumerate(decode_msk_event(msk_event(*values), now_ms=r.clock.now).mutations)
+    ]
     return r.service.process_mutations(refs, deadline_ms=r.deadline)
 
 
@@ -144,3 +150,17 @@ def test_precise_sample_event_through_the_handler_with_the_richer_map():
     ]
     assert r.telemetry.counts["SkippedByFields"] == 3  # email update: both; moved row: main
     assert RefreshKey("tenant-h", DAILY, "2024-12-01..2024-12-31") not in r.store.items
+
+
+def test_verify_and_retrigger_messages_keep_the_partition_of_their_keys():
+    key = RefreshKey("tenant-1", DAILY, MARCH)
+    verify = VerifyMessage("tenant-1", 9, (BuildTarget(key, ("tok",), 1, 0), BuildTarget(key.whole, ("t2",), 1, 0)))
+    assert decode_queue_message(json.dumps(verify.as_body())) == verify
+    retrigger = RetriggerMessage("tenant-1", (RetriggerTarget(DAILY, 5, MARCH), RetriggerTarget(DAILY, 6)), 1)
+    decoded = decode_queue_message(json.dumps(retrigger.as_body()))
+    assert decoded == retrigger and isinstance(decoded, RetriggerMessage)
+    assert decoded.keys() == [(key, 5), (key.whole, 6)]
+    bad = verify.as_body()
+    bad["targets"][0]["partition"] = "2025-03"
+    with pytest.raises(ValueError, match="invalid partition"):
+        decode_queue_message(json.dumps(bad))

@@ -18,7 +18,7 @@ def burst(n: int) -> list[dict]:
 
 
 def run(rig: Rig, values: list) -> tuple[set, object]:
-    batch = decode_msk_event(msk_event(*values))
+    batch = decode_msk_event(msk_event(*values), now_ms=rig.clock.now)
     outcome = rig.service.process_mutations(batch.mutations, deadline_ms=rig.deadline)
     return outcome.failed | {b.ref for b in batch.invalid}, outcome
 

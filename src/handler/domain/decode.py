@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from handler.domain.model import EntityMutation, InvalidRecord, RecordRef, is_valid_target, is_valid_tenant
 from handler.domain.partitions import DateRange
 from handler.domain.ports import TrailingMessage
+from handler.domain.verify import RetriggerMessage, VerifyMessage, parse_retrigger, parse_verify
 
 
 class MalformedEvent(ValueError):
@@ -57,7 +58,13 @@ def _summarise(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode_value(ref: RecordRef, value: Any) -> EntityMutation | InvalidRecord:
+# A mutation stamped further ahead of the function's clock than this is refused: a producer's clock
+# or units are wrong (seconds or microseconds for milliseconds, year 9999), and a future time would
+# poison the key's pendingSince and the staleness metric. Old timestamps are fine (replays).
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+
+def decode_value(ref: RecordRef, value: Any, *, now_ms: int) -> EntityMutation | InvalidRecord:
     if value is None:
         return InvalidRecord(ref, "null_value", "record value is null (tombstone?)")
     if not isinstance(value, str):
@@ -67,20 +74,57 @@ def decode_value(ref: RecordRef, value: Any) -> EntityMutation | InvalidRecord:
     except (binascii.Error, ValueError):
         return InvalidRecord(ref, "bad_base64", "record value is not valid base64")
     try:
-        return EntityMutation.model_validate_json(raw)
+        mutation = EntityMutation.model_validate_json(raw)
     except ValidationError as exc:
         kinds = {e["type"] for e in exc.errors()}
         if "json_invalid" in kinds:
-            return InvalidRecord(ref, "not_json", "record value is not JSON")
+            return _not_json(ref, raw)
         if "model_type" in kinds:
             return InvalidRecord(ref, "not_object", "record value is JSON but not an object")
         return InvalidRecord(ref, "invalid_fields", _summarise(exc))
+    if mutation.timestamp > now_ms + MAX_FUTURE_MS:
+        return InvalidRecord(
+            ref,
+            "future_timestamp",
+            "timestamp is more than 24 h ahead of the function's clock: send epoch milliseconds or ISO-8601 "
+            "from a synchronised clock",
+        )
+    return mutation
 
 
-def decode_msk_event(event: Mapping[str, Any]) -> DecodedBatch:
+_TOO_DEEP = 64  # a mutation is a flat object; the fast parser gives up at about 200 levels
+
+
+def _not_json(ref: RecordRef, raw: bytes) -> InvalidRecord:
+    """The fast parser refused the value: tell JSON nested too deeply apart from text that is not
+    JSON, by parsing again with the standard library (only ever for bad records)."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        return InvalidRecord(ref, "too_deep", "record value is JSON nested too deeply")
+    except ValueError:
+        return InvalidRecord(ref, "not_json", "record value is not JSON")
+    if _depth(data) > _TOO_DEEP:
+        return InvalidRecord(ref, "too_deep", "record value is JSON nested too deeply")
+    return InvalidRecord(ref, "not_json", "record value is not strict JSON")
+
+
+def _depth(data: Any) -> int:
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest
+
+
+def decode_msk_event(event: Mapping[str, Any], *, now_ms: int) -> DecodedBatch:
     batch = DecodedBatch()
     for ref, value in iter_msk_records(event):
-        decoded = decode_value(ref, value)
+        decoded = decode_value(ref, value, now_ms=now_ms)
         if isinstance(decoded, InvalidRecord):
             batch.invalid.append(decoded)
         else:
@@ -108,14 +152,16 @@ def decode_trailing_message(body: str) -> TrailingMessage:
     """Parse a trailing-refresh message body; raises ValueError with a safe description."""
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise ValueError("trailing message body is JSON nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise ValueError("trailing message body is not JSON") from exc
     if not isinstance(data, dict) or data.get("kind") != "trailing":
         raise ValueError("not a trailing-refresh message")
     tenant, target, token, due = data.get("tenantId"), data.get("target"), data.get("token"), data.get("dueAt")
-    if not (isinstance(tenant, str) and is_valid_tenant(tenant)):
+    if not is_valid_tenant(tenant):
         raise ValueError("trailing message has an invalid tenantId")
-    if not (isinstance(target, str) and is_valid_target(target)):
+    if not is_valid_target(target):
         raise ValueError("trailing message has an invalid target")
     if not (isinstance(token, str) and token) or not isinstance(due, int) or isinstance(due, bool):
         raise ValueError("trailing message lacks token or dueAt")
@@ -128,3 +174,23 @@ def decode_trailing_message(body: str) -> TrailingMessage:
             raise ValueError("trailing message has an invalid partition")
         DateRange.parse(partition)  # ValueError names the problem, not the message
     return TrailingMessage(tenant, target, token, due, attempt, partition)
+
+
+QueueMessage = TrailingMessage | VerifyMessage | RetriggerMessage
+
+
+def decode_queue_message(body: str) -> QueueMessage:
+    """Any message of the refresh queue, by its `kind`: trailing, verify, retrigger. Raises
+    ValueError with a safe description."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise ValueError("queue message body is JSON nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError("queue message body is not JSON") from exc
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "verify":
+        return parse_verify(data)
+    if kind == "retrigger":
+        return parse_retrigger(data)
+    return decode_trailing_message(body)

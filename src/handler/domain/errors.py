@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
+# Token-looking text: a JWT (base64url of `{"...` starts with `eyJ`) and anything after `Bearer`.
+_TOKENS = (
+    (re.compile(r"(?i)\bbearer\s+[^\s\"',;]+"), "Bearer [redacted]"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), "[redacted]"),
+)
+
+
+def redact_tokens(text: str) -> str:
+    """Cube's error text goes into logs and operation results; should Cube ever echo the
+    Authorization header, the tenant's JWT must not follow it there."""
+    for pattern, replacement in _TOKENS:
+        text = pattern.sub(replacement, text)
+    return text
+
 
 class CubeError(Exception):
-    """Cube did not queue the jobs. `error_class` is one of client, server, timeout, connection, secret."""
+    """Cube did not queue the jobs. `error_class` is one of client, server, timeout, connection, secret.
+    The message is redacted of token-looking text whoever builds it."""
 
     error_class = "server"
     retryable = True
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact_tokens(message))
         self.status = status
 
 

@@ -5,24 +5,42 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 # Tenant ids end up in JWT claims, Cube security contexts and schema names: keep them boring.
-TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+TENANT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 # A cube name (`Users`) or a pre-aggregation id (`Users.dailyStatusCounts`).
-TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}(\.[A-Za-z_][A-Za-z0-9_]{0,127})?$"
+TARGET_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}(\.[A-Za-z_][A-Za-z0-9_]{0,127})?"
+# The one check of both, used by every path (MSK, SQS, operations, the entity map). `fullmatch`:
+# the whole string must match (a `$` would also match before a trailing newline).
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
 _TARGET_RE = re.compile(TARGET_PATTERN)
 
 
-def is_valid_tenant(value: str) -> bool:
-    return bool(_TENANT_RE.match(value))
+def is_valid_tenant(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and _TENANT_RE.fullmatch(value) is not None
 
 
-def is_valid_target(value: str) -> bool:
-    return bool(_TARGET_RE.match(value))
+def is_valid_target(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and _TARGET_RE.fullmatch(value) is not None
+
+
+def _tenant_id(value: str) -> str:
+    if not is_valid_tenant(value):
+        raise ValueError("must be 1-64 characters: letters, digits, '_' or '-', starting with a letter or digit")
+    return value
+
+
+def _target(value: str) -> str:
+    if not is_valid_target(value):
+        raise ValueError("must be a cube name or a Cube.preAggregation id (letters, digits, '_')")
+    return value
+
+
+TenantId = Annotated[str, AfterValidator(_tenant_id)]
+TargetName = Annotated[str, AfterValidator(_target)]
 
 
 def _epoch_ms(value: Any) -> Any:
@@ -124,7 +142,7 @@ class EntityMutation(BaseModel):
     event_type: NonEmpty = Field(alias="eventType")
     entity_type: NonEmpty = Field(alias="entityType")
     entity_id: NonEmpty = Field(alias="entityId")
-    tenant_id: Annotated[str, Field(alias="tenantId", pattern=TENANT_ID_PATTERN)]
+    tenant_id: Annotated[TenantId, Field(alias="tenantId")]
     timestamp: Annotated[int, BeforeValidator(_epoch_ms), Field(ge=0, strict=True)]
     changed_fields: Annotated[tuple[str, ...] | None, BeforeValidator(_changed_fields)] = Field(
         None, alias="changedFields"

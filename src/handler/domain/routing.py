@@ -58,7 +58,7 @@ def _route(entity_type: str, entry: Any) -> Route:
     where = f"entity type {entity_type!r}"
     if isinstance(entry, str):
         if not is_valid_target(entry):
-            raise ValueError(f"{where} maps to invalid cube name {entry!r}")
+            raise ValueError(f"{where} maps to invalid cube names {[entry]!r}")
         return Route(entry)
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: each target must be a cube name or an object with 'target'")
