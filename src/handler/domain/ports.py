@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, Selector
@@ -162,7 +162,7 @@ class TrailingScheduler(Protocol):
 
 
 # Cube's answer to one selector: the job tokens it queued, or why it did not.
-CubeAnswer: TypeAlias = list[str] | CubeError
+type CubeAnswer = list[str] | CubeError
 
 
 class CubeJobs(Protocol):

@@ -48,7 +48,7 @@ class Mapper(Protocol):
     def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]: ...
 
 
-def serial_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+def serial_map[T, R](fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     return [fn(item) for item in items]
 
 
