@@ -55,6 +55,7 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
 	$(PY) bench/bench_deadline.py
+	$(PY) bench/bench_precise.py
 
 .venv/.bench-installed: requirements-bench.txt .venv/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
