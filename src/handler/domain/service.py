@@ -390,8 +390,7 @@ class RefreshService:
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{error.error_class}: {error}"))
                 outcome.errors[claim.key] = error
                 continue
-            if unverified:  # released and reported: the redelivery refreshes (and verifies) again
-                self._release(claim)
+            if unverified:  # released (by the caller) and reported: the redelivery refreshes and verifies again
                 outcome.keys.append(KeyOutcome(claim.key, "failed", "the build verification could not be scheduled"))
                 continue
             refreshed.append(claim)
