@@ -39,6 +39,9 @@ print(json.dumps({{"ms": ms, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).
 
 TARGETS = {
     "handler.app": "import handler.app",
+    # What the first invocation adds before its first network call: the service with its boto3 clients,
+    # httpx client and Cube client (deferred imports land here), so nothing is only moved later.
+    "app + 1st service": "import handler.app\nhandler.app._service()",
     "naive stack": "\n".join(
         [
             "import boto3",
@@ -167,8 +170,10 @@ def main() -> int:
                     f"{statistics.median(rss):>16.1f}"
                 )
             for bytecode in ("pyc", "no pyc"):
-                diff = summary[("handler.app", bytecode)] - summary[("naive stack", bytecode)]
-                print(f"handler.app - naive stack ({bytecode}): {diff:+.0f} ms median")
+                naive = summary[("naive stack", bytecode)]
+                for target in ("handler.app", "app + 1st service"):
+                    ratio = summary[(target, bytecode)] / naive
+                    print(f"{target} / naive stack ({bytecode}): {ratio:.0%} of its median (import target: <= 50%)")
             for target in ("handler.app", "naive stack"):
                 saved = summary[(target, "no pyc")] - summary[(target, "pyc")]
                 print(

@@ -17,7 +17,6 @@ from handler.domain.ports import TrailingMessage
 from handler.domain.service import Outcome, RefreshService
 from handler.domain.verify import RetriggerMessage, VerifyMessage
 from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
-from handler.operations import OperationError, run_operation
 from handler.settings import Settings, load_settings
 from handler.wiring import build_service, now_ms
 
@@ -78,6 +77,9 @@ def handle(
     ):
         return handle_trailing(records, context, service, settings)
     if "operation" in event:
+        # Operator calls are rare: their module is loaded on the first one, not at every cold start.
+        from handler.operations import OperationError, run_operation  # noqa: PLC0415
+
         try:
             return run_operation(event, service or _service(), settings, deadline_ms=_deadline(context))
         except OperationError as exc:
