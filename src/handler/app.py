@@ -11,6 +11,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from handler import snapstart
 from handler.domain.decode import MalformedEvent, decode_msk_event, decode_queue_message, iter_msk_records
 from handler.domain.model import RecordRef
 from handler.domain.ports import TrailingMessage
@@ -31,6 +32,9 @@ telemetry = PowertoolsTelemetry()
 @lru_cache(maxsize=1)
 def _service() -> RefreshService:
     return build_service(SETTINGS, telemetry)
+
+
+snapstart.register(_service)  # no-op unless the runtime takes snapshots (SnapStart=on)
 
 
 def _deadline(context: LambdaContext | None) -> int:
