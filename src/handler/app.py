@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from handler import snapstart
 from handler.domain.decode import MalformedEvent, decode_msk_event, decode_queue_message, iter_msk_records
@@ -20,6 +18,9 @@ from handler.domain.verify import RetriggerMessage, VerifyMessage
 from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
 from handler.settings import Settings, load_settings
 from handler.wiring import build_service, now_ms
+
+if TYPE_CHECKING:  # annotations only: importing it at runtime loads Powertools' utilities package
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 # Milliseconds kept back from the Lambda deadline for releasing claims and answering.
 DEADLINE_RESERVE_MS = 2_000
