@@ -175,3 +175,12 @@ def test_verify_and_retrigger_messages_keep_the_partition_of_their_keys():
     bad["targets"][0]["partition"] = "2025-03"
     with pytest.raises(ValueError, match="invalid partition"):
         decode_queue_message(json.dumps(bad))
+
+
+def test_stats_name_the_partition_of_a_partition_key():
+    from handler.domain.ports import KeyState  # noqa: PLC0415
+    from handler.operations import describe  # noqa: PLC0415
+
+    row = describe(RefreshKey("tenant-1", DAILY, MARCH), KeyState(started_at=1), 30_000)
+    assert (row["target"], row["partition"]) == (DAILY, MARCH)
+    assert "partition" not in describe(RefreshKey("tenant-1", DAILY), KeyState(started_at=1), 30_000)
