@@ -190,7 +190,7 @@ def test_verifier_failed_build_retriggers_only_the_failed_key_after_a_backoff(st
     rig.deliver()
     [(due, message)] = rig.queue.messages
     assert isinstance(message, RetriggerMessage)
-    assert message.keys() == [(KEY, T0 - 9)] and message.attempt == 1
+    assert message.refresh_keys() == [(KEY, T0 - 9)] and message.attempt == 1
     assert due == rig.clock.now + 2_000
     assert rig.store.get(KEY).retrigger_due_at == due
     assert rig.store.get(other).build_status == "done"

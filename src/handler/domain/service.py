@@ -223,7 +223,7 @@ class RefreshService:
         for ref, message in messages:
             if message.dead_lettered:
                 log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
-            for key, decision in self._decide_all(message.keys()):
+            for key, decision in self._decide_all(message.refresh_keys()):
                 if isinstance(decision, Exception):
                     log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
                     outcome.failed.add(ref)
