@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, Selector
@@ -147,10 +147,11 @@ class TrailingMessage:
     token: str
     due_at: int
     attempt: int = 0  # retries after Cube failed this trailing refresh
+    partition: str = ""  # RefreshKey.partition: a DateRange label, or empty for the whole target
 
     @property
     def key(self) -> RefreshKey:
-        return RefreshKey(self.tenant_id, self.target)
+        return RefreshKey(self.tenant_id, self.target, self.partition)
 
 
 class TrailingScheduler(Protocol):
@@ -161,7 +162,7 @@ class TrailingScheduler(Protocol):
 
 
 # Cube's answer to one selector: the job tokens it queued, or why it did not.
-CubeAnswer: TypeAlias = list[str] | CubeError
+type CubeAnswer = list[str] | CubeError
 
 
 class CubeJobs(Protocol):
