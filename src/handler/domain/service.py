@@ -381,7 +381,7 @@ class RefreshService:
             "cube refused or failed the refresh",
             extra={
                 "tenant_id": tenant_id,
-                "targets": [k.target for k in selector.keys],
+                "targets": [k.pk.split("#", 1)[1] for k in selector.keys],
                 "error_class": exc.error_class,
                 "status": exc.status,
                 "error": str(exc),
