@@ -170,7 +170,7 @@ def test_verify_and_retrigger_messages_keep_the_partition_of_their_keys():
     retrigger = RetriggerMessage("tenant-1", (RetriggerTarget(DAILY, 5, MARCH), RetriggerTarget(DAILY, 6)), 1)
     decoded = decode_queue_message(json.dumps(retrigger.as_body()))
     assert decoded == retrigger and isinstance(decoded, RetriggerMessage)
-    assert decoded.keys() == [(key, 5), (key.whole, 6)]
+    assert decoded.refresh_keys() == [(key, 5), (key.whole, 6)]
     bad = verify.as_body()
     bad["targets"][0]["partition"] = "2025-03"
     with pytest.raises(ValueError, match="invalid partition"):

@@ -302,7 +302,7 @@ class RefreshService:
         for ref, message in messages:
             if message.dead_lettered:
                 log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
-            for key, decision in self._decide_all(message.keys(), budget):
+            for key, decision in self._decide_all(message.refresh_keys(), budget):
                 if isinstance(decision, Exception):
                     log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
                     outcome.failed.add(ref)
@@ -429,7 +429,7 @@ class RefreshService:
             "cube refused or failed the refresh",
             extra={
                 "tenant_id": tenant_id,
-                "targets": [k.target for k in selector.keys],
+                "targets": [k.pk.split("#", 1)[1] for k in selector.keys],
                 "error_class": exc.error_class,
                 "status": exc.status,
                 "error": str(exc),
