@@ -10,13 +10,22 @@ EVENT ?= events/burst-3-tenants.json
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
-.venv/.installed: requirements-dev.txt src/requirements.txt pyproject.toml
-	@[ -x $(PY) ] || python3 -m venv .venv
+# The dev venv runs the function's Python (python3.13 in template.yaml), found by scripts/find-python.sh.
+# A .venv of another minor version (an older checkout's 3.11) is rebuilt: its stamp has another name.
+PYTHON_VERSION := 3.13
+VENV_STAMP := .venv/.installed-$(PYTHON_VERSION)
+
+$(VENV_STAMP): requirements-dev.txt src/requirements.txt pyproject.toml
+	@base="$$(scripts/find-python.sh $(PYTHON_VERSION))" || exit 1; \
+	if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(PYTHON_VERSION)".split("."))))'; then \
+	  echo "make: .venv runs $$($(PY) -V 2>&1), not $(PYTHON_VERSION): rebuilding it"; rm -rf .venv; \
+	fi; \
+	[ -x $(PY) ] || "$$base" -m venv .venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-venv: .venv/.installed ## create .venv with everything the tests and tools need
+venv: $(VENV_STAMP) ## create .venv (Python 3.13) with everything the tests and tools need
 
 lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff check src tests bench devstack
