@@ -9,12 +9,13 @@ and the counts Cube serves before and after.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from devstack.stack import SERVICES, Stack, StackEnv, StackError
 
 if TYPE_CHECKING:
     from devstack.observe import ObservedService
+    from handler.domain.model import RefreshKey
     from handler.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,19 @@ EVENTS = ROOT / "events"
 DEMO_TENANTS = ("tenant-1", "tenant-2", "tenant-3")
 CUBES = ("Users", "Tenants", "Groups")
 STORY_TENANT = "tenant-1"
+PRECISE_TENANT = "tenant-h"  # cube/seed.sql: 30 months of users
+PRECISE_TARGET = "Users.dailyStatusCounts"
+PRECISE_TABLE = "users_daily_status_counts"
+PRECISE_MAP = {
+    "User": [
+        {
+            "target": PRECISE_TARGET,
+            "partitionBy": "timeHints.createdAt",
+            "granularity": "month",
+            "fields": ["status", "createdAt"],
+        }
+    ]
+}
 # The function gets its Cube secret from Secrets Manager, never from its environment.
 NOT_FOR_THE_FUNCTION = {"CUBE_API_SECRET", "PG_DSN"}
 QUIET = {
@@ -122,7 +137,7 @@ class Demo:
         from handler.wiring import now_ms  # noqa: PLC0415
 
         self.step += 1
-        event = json.loads((EVENTS / name).read_text())
+        event = _restamp(json.loads((EVENTS / name).read_text()), now_ms())
         say()
         say(f"{self.step}) events/{name}: {blurb}")
         batch = decode_msk_event(event, now_ms=now_ms())
@@ -154,6 +169,7 @@ class Demo:
             elif key.status == "failed":
                 say(f"   FAILED {key.key.pk}: {key.detail} (claim released, records reported for retry)")
         self._report_jobs(calls_before)
+        self._report_builds([k.key for k in outcome.keys if k.status == "refreshed"])
         self._report_response(response, len(batch.invalid))
         return debounced
 
@@ -172,6 +188,30 @@ class Demo:
                 f"   polled {call.tenant_id}: {' -> '.join(seen)} "
                 f"({_plural(len(result.statuses), 'job')} in {result.seconds:.1f} s)"
             )
+
+    def _report_builds(self, keys: Sequence[RefreshKey], timeout_s: float = 30.0) -> None:
+        """Deliver the function's own verify messages (2 s after each POST) until it has seen every
+        refreshed key's build `done`; print the freshness lag it measured."""
+        from devstack.observe import deliver_queue_messages  # noqa: PLC0415
+
+        store = self.service.debouncer.store
+        pending = set(keys)
+        deadline = time.monotonic() + timeout_s
+        time.sleep(2.2)  # the first verification is due 2 s after the POST (SQS DelaySeconds)
+        while pending and time.monotonic() < deadline:
+            # Every receive counts towards the queue's maxReceiveCount for the trailing messages it
+            # also sees: one round a second, not a tight loop.
+            if not deliver_queue_messages(self.env, self.handle, None, kinds=("verify", "retrigger"), visibility_s=3):
+                time.sleep(1.0)
+            for key in sorted(pending):
+                state = store.get(key)
+                if state and state.build_status == "done" and state.build_started_at == state.jobs_started_at:
+                    lag = (state.freshness_lag_ms or 0) / 1000
+                    say(f"   verified by the function: {key.pk} built, freshness lag {lag:.1f} s (mutation -> built)")
+                    pending.discard(key)
+        for key in sorted(pending):
+            state = store.get(key)
+            say(f"   not verified yet: {key.pk} ({state.build_status if state else 'no state'})")
 
     @staticmethod
     def _report_response(response: Mapping[str, Any], invalid: int) -> None:
@@ -212,11 +252,106 @@ class Demo:
         for key in self.service.last.keys:
             say(f"   {key.key.pk}: {key.status} {key.detail}".rstrip())
         self._report_jobs(calls_before)
+        self._report_builds([k.key for k in self.service.last.keys if k.status == "refreshed"])
         if response.get("batchItemFailures"):
             say(f"   Lambda response: {len(response['batchItemFailures'])} failed (left in the queue for a retry)")
         else:
             delete_messages(self.env, messages)
             say("   Lambda response: no batchItemFailures (the messages are deleted)")
+
+    # ------------------------------------------------------------------ partition-precise refresh
+
+    def precise(self) -> bool:
+        """One mutation dated in an old month, routed by its time hint: only that month's partition of
+        tenant-h's Users.dailyStatusCounts is rebuilt. True when exactly one was."""
+        from devstack.observe import build_observed_service  # noqa: PLC0415
+        from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+        from handler.settings import load_settings  # noqa: PLC0415
+
+        self.step += 1
+        say()
+        say(f"{self.step}) partition-precise refresh: {PRECISE_TENANT} has 30 months of users")
+        settings = load_settings(
+            CUBE_PREAGG_DEBOUNCE_MS=str(self.settings.debounce_ms), ENTITY_CUBE_MAP=json.dumps(PRECISE_MAP)
+        )
+        service = build_observed_service(settings, CountingTelemetry(), self.spacer)
+        for stale, _ in service.debouncer.store.scan(PRECISE_TENANT):
+            service.debouncer.store.delete(stale)
+        self.stack.psql("DELETE FROM users WHERE id LIKE 'demo-%'")
+        self.cube.build(PRECISE_TENANT, ["Users"], spacer=self.spacer)
+        before = self.cube.partition_tables(PRECISE_TENANT, PRECISE_TABLE)
+        say(f"   ENTITY_CUBE_MAP routes User to {PRECISE_TARGET} by timeHints.createdAt, monthly")
+        say(f"   {PRECISE_TARGET} for {PRECISE_TENANT}: {_plural(len(before), 'monthly partition')} built")
+        today = datetime.now(UTC).date()
+        index = today.year * 12 + today.month - 1 - 14
+        when = datetime(index // 12, index % 12 + 1, 15, 12, tzinfo=UTC)
+        last_day = (when.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+        month = [when.strftime("%Y-%m-01"), last_day.strftime("%Y-%m-%d")]
+        query = {"measures": ["Users.count"], "timeDimensions": [{"dimension": "Users.createdAt", "dateRange": month}]}
+        served = int(self.cube.load(PRECISE_TENANT, query)["data"][0]["Users.count"])
+        user_id = f"demo-{PRECISE_TENANT}-{time.time_ns() // 1000}"
+        self.stack.psql(
+            f"INSERT INTO users (id, tenant_id, status, created_at) VALUES ('{user_id}', '{PRECISE_TENANT}', "  # noqa: S608
+            f"'active', '{when.strftime('%Y-%m-%d %H:%M:%S')}')"
+        )
+        say(f"   + a user created {when:%Y-%m-%d} is inserted; Cube serves {when:%B %Y} signups = {served} (stale)")
+        value = {
+            "eventType": "ENTITY_CREATED",
+            "entityType": "User",
+            "entityId": user_id,
+            "tenantId": PRECISE_TENANT,
+            "timestamp": int(time.time() * 1000),
+            "timeHints": {"createdAt": {"new": when.isoformat()}},
+        }
+        say(f"   event: ENTITY_CREATED with timeHints.createdAt.new = {when.isoformat()}")
+        from preagg_cli.local import build_msk_event  # noqa: PLC0415
+
+        response = self._handle(build_msk_event([value]), None, service=service, settings=settings)
+        tokens = sorted({t for k in service.last.keys for t in k.job_tokens})
+        for outcome in service.last.keys:
+            say(f"   key {outcome.key.pk}: {outcome.status} -> {_plural(len(outcome.job_tokens), 'job')}")
+        result = self.cube.wait_for_jobs(PRECISE_TENANT, tokens)
+        after = self.cube.partition_tables(PRECISE_TENANT, PRECISE_TABLE)
+        rebuilt = sorted(p for p in after if after[p] - before.get(p, set()))  # a new table: rebuilt
+        kept = len(before) - len(rebuilt)
+        say(
+            f"   {len(rebuilt)} of {len(before)} partitions rebuilt ({', '.join(rebuilt)}) in {result.seconds:.1f} s; "
+            f"the other {kept} kept their tables (same names and build times)"
+        )
+        fresh = int(self.cube.load(PRECISE_TENANT, query)["data"][0]["Users.count"])
+        say(f"   Cube now serves {when:%B %Y} signups = {fresh} (was {served})")
+        self._report_response(response, 0)
+        say()
+        say(
+            f"{PRECISE_TENANT}: {len(rebuilt)} of {len(before)} partitions rebuilt for one mutation "
+            f"(a whole-target refresh rebuilds all {len(before)})"
+        )
+        return len(rebuilt) == 1
+
+
+def _restamp(event: dict[str, Any], now: int) -> dict[str, Any]:
+    """The sample events carry fixed timestamps; give each well-formed mutation the current time so
+    the freshness lag the function measures counts from now. Bad records are left untouched."""
+    for records in event.get("records", {}).values():
+        for record in records:
+            try:
+                value = json.loads(base64.b64decode(record.get("value") or "", validate=True))
+            except ValueError:
+                continue
+            if isinstance(value, dict) and _is_time(value.get("timestamp")):
+                value["timestamp"] = now
+                record["value"] = base64.b64encode(json.dumps(value).encode()).decode()
+    return event
+
+
+def _is_time(value: object) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    try:
+        datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return isinstance(value, str)
 
 
 def _as_list(value: object) -> list[object]:
@@ -266,7 +401,7 @@ def run(window_ms: int, keep_running: bool) -> int:
             f"{STORY_TENANT} Users.count served by Cube: {before} before -> {middle} after the leading refresh "
             f"-> {after} after the trailing refresh"
         )
-        ok = True
+        ok = demo.precise()
     except (CubeApiError, StackError, TimeoutError) as error:
         print(f"demo failed: {error}", file=sys.stderr)
     finally:
