@@ -4,19 +4,28 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench scale bench-sim \
         stack-start stack-stop stack-status clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
-.venv/.installed: requirements-dev.txt src/requirements.txt pyproject.toml
-	@[ -x $(PY) ] || python3 -m venv .venv
+# The dev venv runs the function's Python (python3.13 in template.yaml), found by scripts/find-python.sh.
+# A .venv of another minor version (an older checkout's 3.11) is rebuilt: its stamp has another name.
+PYTHON_VERSION := 3.13
+VENV_STAMP := .venv/.installed-$(PYTHON_VERSION)
+
+$(VENV_STAMP): requirements-dev.txt src/requirements.txt pyproject.toml
+	@base="$$(scripts/find-python.sh $(PYTHON_VERSION))" || exit 1; \
+	if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(PYTHON_VERSION)".split("."))))'; then \
+	  echo "make: .venv runs $$($(PY) -V 2>&1), not $(PYTHON_VERSION): rebuilding it"; rm -rf .venv; \
+	fi; \
+	[ -x $(PY) ] || "$$base" -m venv .venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-venv: .venv/.installed ## create .venv with everything the tests and tools need
+venv: $(VENV_STAMP) ## create .venv (Python 3.13) with everything the tests and tools need
 
 lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff check src tests bench devstack
@@ -45,6 +54,16 @@ demo: venv ## start the local stack, play the sample events through the handler,
 bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
+
+.venv/.bench-installed: requirements-bench.txt .venv/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	@touch $@
+
+scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
+	$(PY) -m bench.sim.report
+
+bench-sim: venv ## the simulation's smallest scenario against the real local stack (agreement check, ~2 min)
+	$(PY) -m bench.sim.agreement
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from devstack.cubeapi import RecordingCube, Spacer
@@ -124,3 +124,53 @@ def as_sqs_event(messages: Iterable[Mapping[str, Any]], env: StackEnv) -> dict[s
             for message in messages
         ]
     }
+
+
+def deliver_queue_messages(
+    env: StackEnv,
+    handle: Callable[[dict[str, Any]], dict[str, Any]],
+    tenant_id: str,
+    *,
+    kinds: Collection[str] = ("trailing", "verify", "retrigger"),
+    wait_s: int = 1,
+    since_ms: int = 0,
+) -> list[dict[str, Any]]:
+    """One round of what the SQS event source mapping does, for one tenant's messages: receive the
+    due ones of `kinds`, invoke `handle` with them as an SQS event, delete those it did not report
+    failed (a failed one comes back after 2 s). Messages of other tenants or kinds are left invisible
+    for 30 s; the tenant's messages sent before `since_ms` (left by an earlier run) are deleted.
+    Returns the bodies delivered."""
+    sqs = _sqs(env)
+    answer = sqs.receive_message(
+        QueueUrl=env.refresh_queue_url,
+        MaxNumberOfMessages=10,
+        WaitTimeSeconds=wait_s,
+        VisibilityTimeout=30,
+        AttributeNames=["All"],
+    )
+    ours: list[dict[str, Any]] = []
+    bodies: list[dict[str, Any]] = []
+    for received in answer.get("Messages", []):
+        try:
+            body = json.loads(received.get("Body", "{}"))
+        except ValueError:
+            continue
+        if not (isinstance(body, dict) and body.get("tenantId") == tenant_id and body.get("kind") in kinds):
+            continue
+        if int(received.get("Attributes", {}).get("SentTimestamp", since_ms)) < since_ms:
+            sqs.delete_message(QueueUrl=env.refresh_queue_url, ReceiptHandle=str(received["ReceiptHandle"]))
+        else:
+            ours.append(dict(received))
+            bodies.append(body)
+    if not ours:
+        return []
+    response = handle(as_sqs_event(ours, env))
+    failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
+    for message in ours:
+        if message["MessageId"] in failed:
+            sqs.change_message_visibility(
+                QueueUrl=env.refresh_queue_url, ReceiptHandle=str(message["ReceiptHandle"]), VisibilityTimeout=2
+            )
+        else:
+            sqs.delete_message(QueueUrl=env.refresh_queue_url, ReceiptHandle=str(message["ReceiptHandle"]))
+    return bodies

@@ -89,6 +89,7 @@ class StackEnv:
     cube_api_secret_arn: str
     debounce_table_name: str
     refresh_queue_url: str
+    build_dead_letter_queue_url: str
     aws_endpoint_url_dynamodb: str
     aws_endpoint_url_secretsmanager: str
     # What boto3 itself reads: the variable is named after the service id "Secrets Manager", so the
@@ -639,9 +640,9 @@ class Stack:
         sm: SecretsManagerClient = self._aws("secretsmanager", self._ports()["moto"])
         return sm.describe_secret(SecretId=CUBE_SECRET_NAME)["ARN"]
 
-    def _queue_url(self) -> str:
+    def _queue_url(self, name: str = REFRESH_QUEUE_NAME) -> str:
         sqs: SQSClient = self._aws("sqs", self._ports()["moto"])
-        return sqs.get_queue_url(QueueName=REFRESH_QUEUE_NAME)["QueueUrl"]
+        return sqs.get_queue_url(QueueName=name)["QueueUrl"]
 
     def _write_env(self) -> StackEnv:
         ports = self._ports()
@@ -651,6 +652,7 @@ class Stack:
             cube_api_secret_arn=self._secret_arn(),
             debounce_table_name=DEBOUNCE_TABLE_NAME,
             refresh_queue_url=self._queue_url(),
+            build_dead_letter_queue_url=self._queue_url(REFRESH_DLQ_NAME),
             aws_endpoint_url_dynamodb=f"http://127.0.0.1:{ports['dynalite']}",
             aws_endpoint_url_secretsmanager=moto,
             aws_endpoint_url_secrets_manager=moto,

@@ -73,13 +73,17 @@ log "sam validate ($TEMPLATE)"
 log "sam validate --lint ($TEMPLATE)"
 "$SAM" validate --lint --template-file "$TEMPLATE"
 
-# 3. Docker-free build with the local python3.11 (the runtime must match the interpreter).
+# 3. Docker-free build (src/Makefile, with a CPython of the runtime's version found by
+#    scripts/find-python.sh), then checks on the package that Lambda would run.
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-  log "sam build (no container) -> $BUILD_DIR"
+  runtime="$(sed -n 's/^ *Runtime: *python\([0-9]*\.[0-9]*\) *$/\1/p' "$TEMPLATE" | head -n1)"
+  [[ -n "$runtime" ]] || { echo "FAIL: cannot read the python Runtime from $TEMPLATE" >&2; exit 1; }
+  cpy="cpython-${runtime/./}"
+  log "sam build (no container, Python $runtime) -> $BUILD_DIR"
   "$SAM" build --template-file "$TEMPLATE" --build-dir "$BUILD_DIR" --cache-dir "$CACHE_DIR" --cached
-  # Every compiled extension in the package must match the function's architecture and CPython 3.11,
-  # otherwise the function fails at import on Lambda (sam build without Docker picks wheels by platform
-  # tag; a wrong tag or a source build on this machine would slip through unnoticed).
+  # Every compiled extension in the package must match the function's architecture and CPython
+  # version, otherwise the function fails at import on Lambda (sam build without Docker picks wheels by
+  # platform tag; a wrong tag or a source build on this machine would slip through unnoticed).
   arch="$(sed -n 's/^ *Architectures: *\[ *\([a-z0-9_]*\) *\].*/\1/p' "$TEMPLATE" | head -n1)"
   case "$arch" in
     arm64) tag=aarch64; machine='b7 00' ;;
@@ -93,17 +97,33 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
   while IFS= read -r so; do
     n=$((n + 1))
     case "$(basename "$so")" in
-      *.cpython-311-"$tag"-linux-gnu.so|*.abi3.so) ;;
-      *.so) echo "FAIL: $so is not tagged cpython-311-$tag" >&2; bad=1 ;;
+      *."$cpy"-"$tag"-linux-gnu.so|*.abi3.so) ;;
+      *.so) echo "FAIL: $so is not tagged $cpy-$tag" >&2; bad=1 ;;
     esac
     [[ "$(od -An -tx1 -j18 -N2 "$so" | tr -s ' ' | sed 's/^ //;s/ $//')" == "$machine" ]] \
       || { echo "FAIL: $so is not an $arch ELF" >&2; bad=1; }
   done < <(find "$pkg" -name '*.so')
   [[ $bad -eq 0 ]] || exit 1
-  echo "$n compiled extensions, all $arch (cpython-311-$tag)"
-  # Bytecode must ship (src/Makefile): the code folder is read-only on Lambda.
-  ls "$pkg"/handler/__pycache__/app.cpython-311.pyc "$pkg"/pydantic/__pycache__/main.cpython-311.pyc >/dev/null \
-    || { echo "FAIL: the package ships no bytecode" >&2; exit 1; }
+  echo "$n compiled extensions, all $arch ($cpy-$tag)"
+  # Bytecode must ship (the code folder is read-only on Lambda) and must be the runtime's: a .pyc is
+  # used only by the minor version that wrote it (name tag and magic number); any other is ignored and
+  # the module is compiled from source at every cold start.
+  "$(scripts/find-python.sh "$runtime")" - "$pkg" "$cpy" <<'PY'
+import importlib.util, sys
+from pathlib import Path
+pkg, tag = Path(sys.argv[1]), sys.argv[2]
+pycs = list(pkg.rglob("*.pyc"))
+wrong = [p for p in pycs if not p.name.endswith(f".{tag}.pyc") or p.read_bytes()[:4] != importlib.util.MAGIC_NUMBER]
+sources = [p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts]
+missing = [s for s in sources if not (s.parent / "__pycache__" / f"{s.stem}.{tag}.pyc").exists()]
+for p in wrong[:5]:
+    print(f"FAIL: {p.relative_to(pkg)} is not {tag} bytecode (magic {p.read_bytes()[:4].hex()}, want {importlib.util.MAGIC_NUMBER.hex()})", file=sys.stderr)
+for s in missing[:5]:
+    print(f"FAIL: {s.relative_to(pkg)} ships without {tag} bytecode", file=sys.stderr)
+if wrong or missing or not pycs:
+    sys.exit(f"FAIL: {len(wrong)} .pyc files of another Python, {len(missing)} of {len(sources)} modules without bytecode")
+print(f"{len(pycs)} .pyc files, all {tag} (magic {importlib.util.MAGIC_NUMBER.hex()}), for all {len(sources)} modules")
+PY
   [[ ! -e "$pkg/Makefile" ]] || { echo "FAIL: the build Makefile leaked into the package" >&2; exit 1; }
   echo "built package: $(du -sh "$pkg" | cut -f1)"
 fi

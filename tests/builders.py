@@ -8,10 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore, RecordingCube, RecordingScheduler
+from handler.adapters.memory import (
+    CountingTelemetry,
+    InMemoryDebounceStore,
+    RecordingBuildQueue,
+    RecordingCube,
+    RecordingScheduler,
+    ScriptedJobs,
+)
 from handler.domain.debounce import Debouncer
 from handler.domain.routing import EntityCubeMap
 from handler.domain.service import Mapper, RefreshService, serial_map
+from handler.domain.verify import BuildVerifier
 from preagg_cli.local import build_msk_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +91,25 @@ class Rig:
     routes: EntityCubeMap = field(default_factory=EntityCubeMap)
     timezones: tuple[str, ...] = ("UTC",)
     map_io: Mapper = serial_map
+    verify: bool = False  # wire a BuildVerifier (Cube's `get` scripted by `jobs`)
+    jobs: ScriptedJobs = field(default_factory=ScriptedJobs)
+    build_queue: RecordingBuildQueue = field(default_factory=RecordingBuildQueue)
+    build_timeout_ms: int = 600_000
 
     def __post_init__(self) -> None:
         self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms)
+        self.verifier = BuildVerifier(
+            self.store, self.jobs, self.build_queue, self.telemetry, self.clock, self.build_timeout_ms
+        )
         self.service = RefreshService(
-            self.routes, self.debouncer, self.cube, self.telemetry, self.clock, self.timezones, map_io=self.map_io
+            self.routes,
+            self.debouncer,
+            self.cube,
+            self.telemetry,
+            self.clock,
+            self.timezones,
+            map_io=self.map_io,
+            verifier=self.verifier if self.verify else None,
         )
 
     @property

@@ -11,10 +11,11 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from handler.domain.decode import MalformedEvent, decode_msk_event, decode_trailing_message, iter_msk_records
+from handler.domain.decode import MalformedEvent, decode_msk_event, decode_queue_message, iter_msk_records
 from handler.domain.model import RecordRef
 from handler.domain.ports import TrailingMessage
 from handler.domain.service import Outcome, RefreshService
+from handler.domain.verify import RetriggerMessage, VerifyMessage
 from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
 from handler.operations import OperationError, run_operation
 from handler.settings import Settings, load_settings
@@ -143,19 +144,34 @@ def handle_trailing(
         return {"batchItemFailures": []}
     message_ids = _message_ids(records)
     ids: dict[RecordRef, str] = {}
-    messages: list[tuple[RecordRef, TrailingMessage]] = []
+    trailing: list[tuple[RecordRef, TrailingMessage]] = []
+    verify: list[tuple[RecordRef, VerifyMessage]] = []
+    retrigger: list[tuple[RecordRef, RetriggerMessage]] = []
     failed: set[RecordRef] = set()
     for index, record in enumerate(records):
         ref = RecordRef("sqs", index)
         ids[ref] = message_ids[index]
         try:
-            messages.append((ref, decode_trailing_message(record.get("body", ""))))
+            message = decode_queue_message(record.get("body", ""))
         except ValueError as exc:
-            logger.warning("invalid trailing message", extra={"message_id": ids[ref], "error": str(exc)})
+            logger.warning("invalid queue message", extra={"message_id": ids[ref], "error": str(exc)})
             failed.add(ref)
-    outcome = svc.process_trailing(messages, deadline_ms=_deadline(context))
-    failed |= outcome.failed
-    _log_outcome(outcome, len(records), len(failed))
+            continue
+        if isinstance(message, VerifyMessage):
+            verify.append((ref, message))
+        elif isinstance(message, RetriggerMessage):
+            retrigger.append((ref, message))
+        else:
+            trailing.append((ref, message))
+    deadline = _deadline(context)
+    for outcome in (
+        svc.process_trailing(trailing, deadline_ms=deadline),
+        svc.process_retrigger(retrigger, deadline_ms=deadline) if retrigger else None,
+        svc.process_verify(verify, deadline_ms=deadline) if verify else None,
+    ):
+        if outcome is not None:
+            failed |= outcome.failed
+            _log_outcome(outcome, len(records), len(failed))
     return {"batchItemFailures": [{"itemIdentifier": ids[ref]} for ref in sorted(failed, key=lambda r: r.offset)]}
 
 

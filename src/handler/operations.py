@@ -8,9 +8,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, TargetName, TenantId
 from handler.domain.ports import KeyState
 from handler.domain.service import RefreshService
+from handler.domain.verify import MAX_RETRIGGERS
 from handler.settings import Settings
 
 
@@ -21,7 +23,7 @@ class OperationError(ValueError):
 class OperationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    operation: Literal["refresh", "stats", "clear"]
+    operation: Literal["refresh", "stats", "clear", "jobs"]
     tenant_id: Annotated[TenantId | None, Field(alias="tenantId")] = None
     entity_type: Annotated[str | None, Field(alias="entityType", min_length=1)] = None
     cubes: list[TargetName] | None = None
@@ -52,6 +54,21 @@ def describe(key: RefreshKey, state: KeyState, window_ms: int) -> dict[str, Any]
             else None
         ),
         "expiresAt": _iso(state.expires_at * 1000) if state.expires_at is not None else None,
+        "lastBuild": (
+            {
+                "status": state.build_status,
+                "refreshStartedAt": _iso(state.build_started_at),
+                "seenAt": _iso(state.build_seen_at),
+                "freshnessLagMs": state.freshness_lag_ms,
+                "failureClass": state.build_failure_class,
+                "error": state.build_error,
+                "failures": state.build_failures,
+                "maxRetriggers": MAX_RETRIGGERS,
+                "retriggerDueAt": _iso(state.retrigger_due_at),
+            }
+            if state.build_status
+            else None
+        ),
     }
 
 
@@ -81,6 +98,8 @@ def run_operation(
 
     if request.tenant_id is None:
         raise OperationError(f"'{request.operation}' needs tenantId")
+    if request.operation == "jobs":
+        return _jobs(request.tenant_id, request.cubes, service, deadline_ms)
     targets = _targets(request, service)
 
     if request.operation == "clear":
@@ -106,6 +125,37 @@ def run_operation(
         "force": request.force,
         "keys": keys,
     }
+
+
+def _jobs(tenant_id: str, cubes: list[str] | None, service: RefreshService, deadline_ms: int) -> dict[str, Any]:
+    """The live state Cube reports for the jobs of each key's newest accepted refresh."""
+    if service.verifier is None:
+        raise OperationError("build verification is not configured in this function")
+    rows = [
+        (k, s)
+        for k, s in service.debouncer.store.scan(tenant_id)
+        if s.job_tokens and (not cubes or k.target in cubes or k.cube in cubes)
+    ]
+    tokens = sorted({t for _, s in rows for t in s.job_tokens or ()})
+    try:
+        jobs = service.verifier.cube.job_statuses(tenant_id, tokens, deadline_ms=deadline_ms) if tokens else {}
+    except CubeError as exc:
+        return {"ok": False, "operation": "jobs", "tenantId": tenant_id, "error": f"{exc.error_class}: {exc}"}
+    keys = []
+    for key, state in rows:
+        listed = []
+        for token in state.job_tokens or ():
+            job = jobs.get(token)
+            foreign = job is not None and job.tenant_ids != (tenant_id,)
+            listed.append(
+                {
+                    "token": token,
+                    "status": "(another tenant's job)" if foreign else (job.status if job else "not_found"),
+                    "table": "" if foreign or job is None else job.table,
+                }
+            )
+        keys.append({"target": key.target, "refreshStartedAt": _iso(state.jobs_started_at), "jobs": listed})
+    return {"ok": True, "operation": "jobs", "tenantId": tenant_id, "keys": keys}
 
 
 def _targets(request: OperationRequest, service: RefreshService) -> list[str]:

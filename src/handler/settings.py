@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     cube_api_secret_arn: str = Field(min_length=1, validation_alias="CUBE_API_SECRET_ARN")
     debounce_table_name: str = Field(min_length=1, validation_alias="DEBOUNCE_TABLE_NAME")
     refresh_queue_url: str = Field(min_length=1, validation_alias="REFRESH_QUEUE_URL")
+    # Verification of builds (handler.domain.verify): a build not `done` this long after its refresh
+    # started counts as failed; builds failed after their re-triggers go to this queue.
+    build_timeout_ms: int = Field(1_800_000, ge=1_000, le=86_400_000, validation_alias="CUBE_PREAGG_BUILD_TIMEOUT_MS")
+    build_dead_letter_queue_url: str = Field(min_length=1, validation_alias="BUILD_DEAD_LETTER_QUEUE_URL")
     entity_cube_map: Annotated[EntityCubeMap, NoDecode] = Field(
         default_factory=EntityCubeMap, validation_alias="ENTITY_CUBE_MAP"
     )

@@ -11,12 +11,13 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from handler.adapters.aws import SqsTrailingScheduler, cached_secret
+from handler.adapters.aws import SqsBuildQueue, SqsTrailingScheduler, cached_secret
 from handler.adapters.cube import CubeJobsClient
 from handler.adapters.dynamodb import DynamoDBDebounceStore
 from handler.domain.debounce import Debouncer
 from handler.domain.ports import Telemetry
 from handler.domain.service import RefreshService
+from handler.domain.verify import BuildVerifier
 from handler.settings import Settings
 
 IO_THREADS = 8
@@ -56,7 +57,9 @@ class SystemClock:
 def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
     clock = SystemClock()
     store = DynamoDBDebounceStore(boto3.client("dynamodb", config=_AWS_CONFIG), settings.debounce_table_name)
-    scheduler = SqsTrailingScheduler(boto3.client("sqs", config=_AWS_CONFIG), settings.refresh_queue_url)
+    sqs = boto3.client("sqs", config=_AWS_CONFIG)
+    scheduler = SqsTrailingScheduler(sqs, settings.refresh_queue_url)
+    build_queue = SqsBuildQueue(sqs, settings.refresh_queue_url, settings.build_dead_letter_queue_url)
     cube = CubeJobsClient(
         settings.cube_api_url,
         cached_secret(settings.cube_api_secret_arn),
@@ -65,6 +68,7 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
     debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms)
+    verifier = BuildVerifier(store, cube, build_queue, telemetry, clock, settings.build_timeout_ms)
     return RefreshService(
         settings.entity_cube_map,
         debouncer,
@@ -73,4 +77,5 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         clock,
         settings.cube_timezones,
         map_io=ThreadMap(IO_THREADS),
+        verifier=verifier,
     )

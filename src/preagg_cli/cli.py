@@ -306,7 +306,7 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
     if not keys:
         print(f"no debounce state (window {window} ms)", file=out)
         return
-    rows = [["TENANT", "TARGET", "LAST REFRESH", "WINDOW ENDS", "TRAILING", "PENDING SINCE", "EXPIRES"]]
+    rows = [["TENANT", "TARGET", "LAST REFRESH", "WINDOW ENDS", "TRAILING", "PENDING SINCE", "LAST BUILD", "EXPIRES"]]
     for key in keys:
         trailing = key.get("trailingRefresh")
         pending = f"{trailing['state']}, due {_when(trailing.get('dueAt'), now)}" if trailing else "-"
@@ -319,11 +319,41 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
                 _when(key.get("windowEndsAt"), now),
                 pending,
                 _when(trailing.get("pendingSince"), now) if trailing else "-",
+                describe_build(key.get("lastBuild"), now),
                 _when(key.get("expiresAt"), now),
             ]
         )
     _table(rows, out)
     print(f"{len(keys)} key(s), window {window} ms", file=out)
+
+
+def describe_build(build: Mapping[str, Any] | None, now: datetime) -> str:
+    """`last built 12:00:03Z (freshness lag 4.1 s)` or `build failed: <reason> (re-trigger 2/5 due ...)`."""
+    if not build:
+        return "-"
+    if build.get("status") == "done":
+        lag = build.get("freshnessLagMs")
+        lag_text = f" (freshness lag {lag / 1000:.1f} s)" if isinstance(lag, int) else ""
+        return f"last built {_when(build.get('seenAt'), now)}{lag_text}"
+    reason = f"{build.get('failureClass')}: {build.get('error')}" if build.get("error") else build.get("failureClass")
+    failures, most = build.get("failures") or 0, build.get("maxRetriggers") or 0
+    if build.get("status") == "dead_lettered":
+        return f"build failed: {reason} (dead-lettered after {most} re-triggers)"
+    due = build.get("retriggerDueAt")
+    retry = f"re-trigger {failures}/{most} due {_when(due, now)}" if due else "covered by a newer refresh"
+    return f"build failed: {reason} ({retry})"
+
+
+def print_jobs(result: Mapping[str, Any], out: TextIO) -> None:
+    keys = result.get("keys", [])
+    if not keys:
+        print(f"no refresh with job tokens recorded for tenant {result.get('tenantId')}", file=out)
+        return
+    rows = [["TARGET", "REFRESH STARTED", "JOB", "STATUS", "TABLE"]]
+    for key in keys:
+        for job in key.get("jobs", []):
+            rows.append([key["target"], key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
+    _table(rows, out)
 
 
 def print_plan(plan: replay.ReplayPlan, out: TextIO) -> None:
@@ -384,6 +414,20 @@ def cmd_stats(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     if args.cube:
         payload["cubes"] = args.cube
     _run(target, payload, args, out, lambda r: print_stats(r, out, datetime.now(tz=UTC)))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    payload: dict[str, Any] = {"operation": "jobs", "tenantId": args.tenant}
+    if args.cube:
+        payload["cubes"] = args.cube
+    result = target.invoke(payload)
+    if result.get("ok") is False:
+        raise OperationFailed(f"Cube's job states could not be read: {result.get('error')}")
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        print_jobs(result, out)
     return EXIT_OK
 
 
@@ -599,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--tenant")
     stats.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
 
+    jobs = sub.add_parser("jobs", parents=[common], help="show live Cube job states of a tenant's latest refreshes")
+    jobs.add_argument("--tenant", required=True)
+    jobs.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
+
     clear = sub.add_parser(
         "clear", parents=[common], allow_abbrev=False, help="delete debounce state of a tenant (or some cubes)"
     )
@@ -660,6 +708,8 @@ def main(
             return cmd_refresh(args, resolved, out)
         if args.command == "stats":
             return cmd_stats(args, resolved, out)
+        if args.command == "jobs":
+            return cmd_jobs(args, resolved, out)
         if args.command == "clear":
             return cmd_clear(args, resolved, out, inp, err)
         if args.command == "produce":

@@ -32,6 +32,7 @@ LOCAL_DEFAULTS = {
     "CUBE_API_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:local-cube-secret",
     "DEBOUNCE_TABLE_NAME": "preagg-refresh-debounce",
     "REFRESH_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/preagg-refresh-trailing",
+    "BUILD_DEAD_LETTER_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/preagg-refresh-trailing-dlq",
     "AWS_DEFAULT_REGION": "us-east-1",
     "POWERTOOLS_SERVICE_NAME": "preagg-refresh",
     "POWERTOOLS_METRICS_NAMESPACE": "PreaggRefresh",

@@ -12,7 +12,7 @@ from moto import mock_aws
 
 from handler import app
 from handler.domain.errors import CubeRejected, CubeUnreachable
-from handler.domain.model import RefreshKey
+from handler.domain.model import RecordRef, RefreshKey
 from handler.observability import logger
 from handler.settings import load_settings
 from preagg_cli import cli
@@ -130,6 +130,8 @@ def test_stats_shows_last_refresh_and_pending_trailing_refresh_per_key():
         "TRAILING",
         "PENDING",
         "SINCE",
+        "LAST",
+        "BUILD",
         "EXPIRES",
     ]
     users = next(line for line in lines if "tenant-1" in line)
@@ -444,3 +446,53 @@ def test_local_target_runs_operations_in_process_against_the_stack_environment(t
     assert rejected == 2
     assert "maps to no cube" in err
     assert "operation rejected" not in capsys.readouterr().out  # the function's logs went to stderr
+
+
+# -- build outcomes and live jobs ----------------------------------------------------------------
+def _verified(rig: Rig, status: str) -> None:
+    rig.jobs.default = status
+    [(due, message)] = rig.build_queue.messages
+    rig.clock.now = due
+    rig.build_queue.due(due)
+    rig.service.process_verify([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)
+
+
+def test_stats_shows_the_last_build_and_its_freshness_lag():
+    rig = Rig(verify=True)
+    target = in_process(rig)
+    run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
+    _verified(rig, "done")
+    code, out, _ = run(["stats", "--tenant", "tenant-1"], target)
+    assert code == 0
+    assert "LAST BUILD" in out and "last built" in out and "(freshness lag 2.0 s)" in out
+
+
+def test_stats_shows_a_failed_build_and_its_next_retrigger():
+    rig = Rig(verify=True)
+    target = in_process(rig)
+    run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
+    _verified(rig, "failure: permission denied for table users")
+    _, out, _ = run(["stats", "--tenant", "tenant-1"], target)
+    assert "build failed: failure: failure: permission denied for table users (re-trigger 1/5 due" in out
+
+
+def test_jobs_shows_live_cube_job_states_of_the_latest_refresh():
+    rig = Rig(verify=True)
+    target = in_process(rig)
+    run(["refresh", "--tenant", "tenant-1", "--cube", "Users", "--cube", "Groups"], target)
+    rig.jobs.statuses["job-tenant-1-Groups-1"] = "processing"
+    rig.jobs.tenants["job-tenant-1-Users-1"] = "tenant-2"
+    code, out, _ = run(["jobs", "--tenant", "tenant-1"], target)
+    assert code == 0
+    assert "job-tenant-1-Groups-1" in out and "processing" in out
+    assert "(another tenant's job)" in out
+    assert rig.jobs.requests == [("tenant-1", ["job-tenant-1-Groups-1", "job-tenant-1-Users-1"])]
+
+
+def test_jobs_when_cube_refuses_exits_1_with_the_reason():
+    rig = Rig(verify=True)
+    target = in_process(rig)
+    run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
+    rig.jobs.failures.append(CubeRejected("Cube rejected the request (403): Invalid token", status=403))
+    code, _, err = run(["jobs", "--tenant", "tenant-1"], target)
+    assert code == 1 and "Invalid token" in err

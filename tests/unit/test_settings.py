@@ -7,6 +7,7 @@ REQUIRED = {
     "CUBE_API_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:1:secret:x",
     "DEBOUNCE_TABLE_NAME": "t",
     "REFRESH_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/q",
+    "BUILD_DEAD_LETTER_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/dlq",
 }
 
 

@@ -11,6 +11,7 @@ from handler.adapters.dynamodb import DynamoDBDebounceStore
 from handler.adapters.memory import InMemoryDebounceStore
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
+from handler.domain.ports import BuildRecord
 from tests.builders import ROOT, T0
 
 KEY = RefreshKey("tenant-1", "Users")
@@ -208,3 +209,21 @@ def test_dynamodb_store_turns_service_errors_into_store_unavailable():
         store = DynamoDBDebounceStore(client, "no-such-table")
         with pytest.raises(StoreUnavailable, match="ResourceNotFoundException"):
             claim(store, T0)
+
+
+def test_store_record_build_keeps_the_newest_refresh_outcome_only(store):
+    assert not store.record_build(KEY, BuildRecord(T0, "done", T0 + 5, freshness_lag_ms=7)), "no item yet"
+    claim(store, T0)
+    failed = BuildRecord(
+        T0, "failed", T0 + 5, failure_class="failure", error="boom", failures=1, retrigger_due_at=T0 + 9
+    )
+    assert store.record_build(KEY, failed)
+    assert not store.record_build(KEY, BuildRecord(T0, "done", T0 + 6)), "the same refresh settles once"
+    assert not store.record_build(KEY, BuildRecord(T0 - 1, "done", T0 + 6)), "an older refresh never overwrites"
+    st = store.get(KEY)
+    assert (st.build_started_at, st.build_status, st.build_failures, st.build_error) == (T0, "failed", 1, "boom")
+    assert (st.build_failure_class, st.retrigger_due_at, st.started_at) == ("failure", T0 + 9, T0)
+    assert store.record_build(KEY, BuildRecord(T0 + 1, "done", T0 + 8, freshness_lag_ms=42))
+    st = store.get(KEY)
+    assert (st.build_status, st.build_failures, st.freshness_lag_ms) == ("done", 0, 42)
+    assert (st.build_error, st.build_failure_class, st.retrigger_due_at) == (None, None, None)

@@ -12,7 +12,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from handler.domain.decode import trailing_body
 from handler.domain.errors import SchedulerUnavailable
-from handler.domain.ports import TrailingMessage
+from handler.domain.ports import BuildMessage, TrailingMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -45,5 +45,30 @@ class SqsTrailingScheduler:
         body = json.dumps(trailing_body(message))
         try:
             self.client.send_message(QueueUrl=self.queue_url, MessageBody=body, DelaySeconds=delay)
+        except (ClientError, BotoCoreError) as exc:
+            raise SchedulerUnavailable(f"SQS send failed: {type(exc).__name__}") from exc
+
+
+class SqsBuildQueue:
+    """Verify and retrigger messages on the refresh queue (delays up to 60 s: within SQS's 900 s);
+    builds that failed after their re-triggers go to the dead-letter queue as retrigger messages,
+    so redriving that queue to the refresh queue replays them."""
+
+    def __init__(self, client: SQSClient, queue_url: str, dead_letter_url: str) -> None:
+        self.client = client
+        self.queue_url = queue_url
+        self.dead_letter_url = dead_letter_url
+
+    def send(self, message: BuildMessage, *, due_at: int, now: int) -> None:
+        delay = min(SQS_MAX_DELAY_S, max(0, math.ceil((due_at - now) / 1000)))
+        self._send(self.queue_url, message, delay)
+
+    def dead_letter(self, message: BuildMessage) -> None:
+        self._send(self.dead_letter_url, message, 0)
+
+    def _send(self, url: str, message: BuildMessage, delay: int) -> None:
+        body = json.dumps(message.as_body(), separators=(",", ":"))
+        try:
+            self.client.send_message(QueueUrl=url, MessageBody=body, DelaySeconds=delay)
         except (ClientError, BotoCoreError) as exc:
             raise SchedulerUnavailable(f"SQS send failed: {type(exc).__name__}") from exc

@@ -6,7 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import jwt
@@ -20,9 +20,10 @@ from handler.domain.errors import (
     CubeUnreachable,
 )
 from handler.domain.model import Selector
-from handler.domain.ports import CubeAnswer
+from handler.domain.ports import CubeAnswer, JobStatus
 
 TOKEN_TTL_S = 300
+_Answer = TypeVar("_Answer")
 _MAX_ERROR_TEXT = 300
 
 
@@ -71,12 +72,31 @@ class CubeJobsClient:
         answers: list[CubeAnswer] = []
         for selector in selectors:
             try:
-                answers.append(self._post(token, {"action": "post", "selector": selector.body}, deadline_ms))
+                answers.append(
+                    self._post(token, {"action": "post", "selector": selector.body}, deadline_ms, parse=_job_tokens)
+                )
             except CubeError as exc:
                 answers.append(exc)
         return answers
 
-    def _post(self, token: str, body: dict[str, Any], deadline_ms: int) -> list[str]:
+    def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, JobStatus]:
+        """`{"action": "get", "resType": "object", "tokens": [...]}` with the tenant's token: Cube
+        answers token -> {table, status, selector} (cube-js/cube,
+        packages/cubejs-api-gateway/src/gateway.ts); a token it does not know comes back `not_found`."""
+        try:
+            token = self.token_for(tenant_id)
+        except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
+            raise CubeSecretUnavailable(f"the Cube API secret could not be read ({type(exc).__name__})") from exc
+        body = {"action": "get", "resType": "object", "tokens": list(tokens)}
+        return self._post(token, body, deadline_ms, parse=_job_states)
+
+    def _post(
+        self,
+        token: str,
+        body: dict[str, Any],
+        deadline_ms: int,
+        parse: Callable[[httpx.Response], _Answer],
+    ) -> _Answer:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         payload = json.dumps(body, separators=(",", ":")).encode()
         attempt = 0
@@ -89,12 +109,12 @@ class CubeJobsClient:
                 response = self._http.post(self.url, content=payload, headers=headers, timeout=timeout)
                 error = self._error_for(response)
                 if error is None:
-                    return _job_tokens(response)
+                    return parse(response)
             except httpx.TimeoutException as exc:
                 error = CubeTimeout(f"Cube did not answer within {timeout:.1f}s ({type(exc).__name__})")
             except httpx.TransportError as exc:
                 error = CubeUnreachable(f"Cube unreachable ({type(exc).__name__})")
-            except CubeServerError as exc:  # 2xx whose body is not a JSON array of job tokens
+            except CubeServerError as exc:  # 2xx whose body is not what the action answers
                 error = exc
             if not error.retryable or attempt >= self.retries:
                 raise error
@@ -114,6 +134,35 @@ class CubeJobsClient:
         if status < 500:
             return CubeRejected(f"Cube rejected the request ({status}): {text}", status=status)
         return CubeServerError(f"Cube failed ({status}): {text}", status=status)
+
+
+def _job_states(response: httpx.Response) -> dict[str, JobStatus]:
+    """A `get` answer: an object of token -> job; anything else counts as a server error."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    if not isinstance(body, dict):
+        raise CubeServerError(f"Cube answered a jobs `get` with {type(body).__name__}, not an object", status=status)
+    return {
+        str(token): JobStatus(
+            str(job.get("status", "")), _selector_tenants(job.get("selector")), str(job.get("table") or "")
+        )
+        for token, job in body.items()
+        if isinstance(job, dict)
+    }
+
+
+def _selector_tenants(selector: Any) -> tuple[str, ...]:
+    """The tenant ids of a job's `selector.contexts[].securityContext`, in order."""
+    contexts = selector.get("contexts") if isinstance(selector, dict) else None
+    tenants: list[str] = []
+    for context in contexts if isinstance(contexts, list) else []:
+        security = context.get("securityContext") if isinstance(context, dict) else None
+        tenant = security.get("tenantId") if isinstance(security, dict) else None
+        tenants.append(str(tenant) if tenant is not None else "")
+    return tuple(tenants)
 
 
 def _job_tokens(response: httpx.Response) -> list[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
-from handler.domain.ports import KeyState, WriteResult
+from handler.domain.ports import BuildRecord, KeyState, WriteResult
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -22,6 +23,15 @@ _FIELDS = {
     "trailingState": "trailing_state",
     "trailingDueAt": "trailing_due_at",
     "expiresAt": "expires_at",
+    "buildStartedAt": "build_started_at",
+    "buildStatus": "build_status",
+    "buildSeenAt": "build_seen_at",
+    "freshnessLagMs": "freshness_lag_ms",
+    "buildFailureClass": "build_failure_class",
+    "buildError": "build_error",
+    "buildFailures": "build_failures",
+    "retriggerDueAt": "retrigger_due_at",
+    "jobsStartedAt": "jobs_started_at",
 }
 
 
@@ -42,6 +52,9 @@ def to_state(item: dict[str, Any] | None) -> KeyState | None:
         if raw is None:
             continue
         values[name] = int(raw["N"]) if "N" in raw else raw["S"]
+    tokens = item.get("jobTokens")
+    if tokens is not None and "L" in tokens:
+        values["job_tokens"] = tuple(t["S"] for t in tokens["L"])
     return KeyState(**values)
 
 
@@ -213,6 +226,39 @@ class DynamoDBDebounceStore:
             "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
             f"trailingToken = :tt AND trailingState = :scheduled AND {unchanged}",
             values,
+        ).ok
+
+    def record_build(self, key: RefreshKey, record: BuildRecord) -> bool:
+        values: dict[str, Any] = {
+            ":start": _n(record.started_at),
+            ":status": _s(record.status),
+            ":seen": _n(record.seen_at),
+            ":failures": _n(record.failures),
+        }
+        sets = ["buildStartedAt = :start", "buildStatus = :status", "buildSeenAt = :seen", "buildFailures = :failures"]
+        removes = []
+        optional: dict[str, tuple[str, dict[str, str] | None]] = {
+            "freshnessLagMs": ("lag", _n(record.freshness_lag_ms) if record.freshness_lag_ms is not None else None),
+            "buildFailureClass": ("cls", _s(record.failure_class) if record.failure_class else None),
+            "buildError": ("err", _s(record.error) if record.error else None),
+            "retriggerDueAt": ("due", _n(record.retrigger_due_at) if record.retrigger_due_at is not None else None),
+        }
+        for attr, (name, value) in optional.items():
+            if value is None:
+                removes.append(attr)
+            else:
+                sets.append(f"{attr} = :{name}")
+                values[f":{name}"] = value
+        update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        condition = "attribute_exists(pk) AND (attribute_not_exists(buildStartedAt) OR buildStartedAt < :start)"
+        return self._update(key, update, condition, values).ok
+
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        return self._update(
+            key,
+            "SET jobsStartedAt = :start, jobTokens = :tokens",
+            "attribute_exists(pk) AND (attribute_not_exists(jobsStartedAt) OR jobsStartedAt < :start)",
+            {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}},
         ).ok
 
     def get(self, key: RefreshKey) -> KeyState | None:

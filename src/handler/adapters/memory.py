@@ -10,7 +10,15 @@ from dataclasses import dataclass, field, replace
 
 from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, Selector
-from handler.domain.ports import CubeAnswer, KeyState, TrailingMessage, WriteResult
+from handler.domain.ports import (
+    BuildMessage,
+    BuildRecord,
+    CubeAnswer,
+    JobStatus,
+    KeyState,
+    TrailingMessage,
+    WriteResult,
+)
 
 
 class InMemoryDebounceStore:
@@ -142,6 +150,34 @@ class InMemoryDebounceStore:
             )
             return True
 
+    def record_build(self, key: RefreshKey, record: BuildRecord) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or (st.build_started_at is not None and st.build_started_at >= record.started_at):
+                return False
+            self.items[key] = replace(
+                st,
+                build_started_at=record.started_at,
+                build_status=record.status,
+                build_seen_at=record.seen_at,
+                freshness_lag_ms=record.freshness_lag_ms,
+                build_failure_class=record.failure_class or None,
+                build_error=record.error or None,
+                build_failures=record.failures,
+                retrigger_due_at=record.retrigger_due_at,
+            )
+            return True
+
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or (st.jobs_started_at is not None and st.jobs_started_at >= started_at):
+                return False
+            self.items[key] = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
+            return True
+
     def get(self, key: RefreshKey) -> KeyState | None:
         with self._lock:
             return self.items.get(key)
@@ -198,6 +234,48 @@ def _names(body: Mapping[str, object], field_name: str) -> list[str]:
     names = body.get(field_name) or []
     assert isinstance(names, list)
     return [str(n) for n in names]
+
+
+@dataclass
+class RecordingBuildQueue:
+    """Keeps verify/retrigger messages with their due time, and dead letters."""
+
+    messages: list[tuple[int, BuildMessage]] = field(default_factory=list)
+    dead_letters: list[BuildMessage] = field(default_factory=list)
+
+    def send(self, message: BuildMessage, *, due_at: int, now: int) -> None:
+        self.messages.append((due_at, message))
+
+    def dead_letter(self, message: BuildMessage) -> None:
+        self.dead_letters.append(message)
+
+    def due(self, now: int) -> list[BuildMessage]:
+        ready = [m for d, m in self.messages if d <= now]
+        self.messages = [(d, m) for d, m in self.messages if d > now]
+        return ready
+
+
+@dataclass
+class ScriptedJobs:
+    """Cube's `get` action: each token's status is whatever the test set (default `done`); a token
+    never set is unknown (`not_found`) unless `known_by_default`."""
+
+    statuses: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, str] = field(default_factory=dict)  # token -> tenant its job belongs to
+    failures: list[CubeError] = field(default_factory=list)
+    requests: list[tuple[str, list[str]]] = field(default_factory=list)
+    default: str = "done"
+
+    def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, JobStatus]:
+        self.requests.append((tenant_id, list(tokens)))
+        if self.failures:
+            raise self.failures.pop(0)
+        answer = {}
+        for token in tokens:
+            status = self.statuses.get(token, self.default)
+            if status != "not_found":
+                answer[token] = JobStatus(status, (self.tenants.get(token, tenant_id),))
+        return answer
 
 
 @dataclass

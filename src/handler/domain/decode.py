@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from handler.domain.model import EntityMutation, InvalidRecord, RecordRef, is_valid_target, is_valid_tenant
 from handler.domain.ports import TrailingMessage
+from handler.domain.verify import RetriggerMessage, VerifyMessage, parse_retrigger, parse_verify
 
 
 class MalformedEvent(ValueError):
@@ -163,3 +164,23 @@ def decode_trailing_message(body: str) -> TrailingMessage:
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
         raise ValueError("trailing message has an invalid attempt")
     return TrailingMessage(tenant, target, token, due, attempt)
+
+
+QueueMessage = TrailingMessage | VerifyMessage | RetriggerMessage
+
+
+def decode_queue_message(body: str) -> QueueMessage:
+    """Any message of the refresh queue, by its `kind`: trailing, verify, retrigger. Raises
+    ValueError with a safe description."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise ValueError("queue message body is JSON nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError("queue message body is not JSON") from exc
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "verify":
+        return parse_verify(data)
+    if kind == "retrigger":
+        return parse_retrigger(data)
+    return decode_trailing_message(body)

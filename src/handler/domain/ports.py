@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, Selector
@@ -26,6 +26,32 @@ class KeyState:
     trailing_state: str | None = None  # "scheduled" | "running"
     trailing_due_at: int | None = None
     expires_at: int | None = None
+    # The last build outcome verified (see handler.domain.verify): the refresh it belongs to, ...
+    build_started_at: int | None = None
+    build_status: str | None = None  # "done" | "failed" | "dead_lettered"
+    build_seen_at: int | None = None  # when the verification saw it
+    freshness_lag_ms: int | None = None
+    build_failure_class: str | None = None
+    build_error: str | None = None  # Cube's error text, redacted
+    build_failures: int | None = None  # consecutive failed builds (0 after a done one)
+    retrigger_due_at: int | None = None
+    # The job tokens of the newest refresh Cube accepted (for `preagg-refresh jobs`).
+    jobs_started_at: int | None = None
+    job_tokens: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRecord:
+    """A verified build outcome of the refresh that started at `started_at`."""
+
+    started_at: int
+    status: str  # "done" | "failed" | "dead_lettered"
+    seen_at: int
+    freshness_lag_ms: int | None = None
+    failure_class: str = ""
+    error: str = ""
+    failures: int = 0
+    retrigger_due_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +123,16 @@ class DebounceStore(Protocol):
         since it was read (dirtyAt unchanged)."""
         ...
 
+    def record_build(self, key: RefreshKey, record: BuildRecord) -> bool:
+        """Record a verified build outcome, only if no outcome of this or a later refresh is recorded
+        (`buildStartedAt < record.started_at`): duplicates and stale verifications change nothing."""
+        ...
+
+    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+        """Keep the job tokens of the refresh that started at `started_at`, unless a later refresh's
+        are recorded already."""
+        ...
+
     def get(self, key: RefreshKey) -> KeyState | None: ...
 
     def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]: ...
@@ -125,7 +161,7 @@ class TrailingScheduler(Protocol):
 
 
 # Cube's answer to one selector: the job tokens it queued, or why it did not.
-CubeAnswer: TypeAlias = list[str] | CubeError
+type CubeAnswer = list[str] | CubeError
 
 
 class CubeJobs(Protocol):
@@ -133,6 +169,40 @@ class CubeJobs(Protocol):
         """Queue pre-aggregation builds for one tenant: one answer per selector, in order, either
         Cube's job tokens or the typed error of that selector. Never raises for one selector's
         failure, so the jobs Cube accepted for the others are kept."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """One job as Cube's `get` action reports it: `status` (`scheduled`, `processing`, `done`,
+    `failure: <error>`, `missing_partition`, `not_found`, ...) and the tenant ids of the security
+    contexts of its selector (job tokens are not tenant-scoped in Cube: this is checked)."""
+
+    status: str
+    tenant_ids: tuple[str, ...] = ()
+    table: str = ""
+
+
+class JobStatusReader(Protocol):
+    def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> Mapping[str, JobStatus]:
+        """Cube's view of these jobs, asked with the tenant's token. A token Cube does not know is
+        absent or `not_found`. Raises CubeError."""
+        ...
+
+
+class BuildMessage(Protocol):
+    def as_body(self) -> dict[str, object]: ...
+
+
+class BuildQueue(Protocol):
+    def send(self, message: BuildMessage, *, due_at: int, now: int) -> None:
+        """Deliver a verify or retrigger message back to the function at or after `due_at`.
+        Raises SchedulerUnavailable."""
+        ...
+
+    def dead_letter(self, message: BuildMessage) -> None:
+        """Park a build that failed after its re-triggers where an operator finds and replays it.
+        Raises SchedulerUnavailable."""
         ...
 
 

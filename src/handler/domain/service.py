@@ -13,6 +13,7 @@ from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavaila
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
 from handler.domain.ports import Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import EntityCubeMap, build_selectors
+from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Mapper(Protocol):
     def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]: ...
 
 
-def serial_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+def serial_map[T, R](fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     return [fn(item) for item in items]
 
 
@@ -85,8 +86,11 @@ class RefreshService:
         clock: Clock,
         timezones: Sequence[str],
         map_io: Mapper = serial_map,
+        verifier: BuildVerifier | None = None,
     ) -> None:
         self._map = map_io
+        # None: refreshes are not verified (tests and the model check of the debounce alone).
+        self.verifier = verifier
         self.routes = routes
         self.debouncer = debouncer
         self.cube = cube
@@ -198,6 +202,43 @@ class RefreshService:
         self.telemetry.count("TrailingRetried")
         return True
 
+    # -- build verification (handler.domain.verify) -----------------------------------------
+    def process_verify(self, messages: Iterable[tuple[RecordRef, VerifyMessage]], *, deadline_ms: int) -> Outcome:
+        outcome = Outcome()
+        items = list(messages)
+        if self.verifier is None:
+            log.error("verify messages received but verification is not wired: reported for redelivery")
+            outcome.failed.update(ref for ref, _ in items)
+            return outcome
+        outcome.failed |= self.verifier.process(items, deadline_ms=deadline_ms)
+        return outcome
+
+    def process_retrigger(self, messages: Iterable[tuple[RecordRef, RetriggerMessage]], *, deadline_ms: int) -> Outcome:
+        """Re-trigger keys whose build failed, through the debounce protocol: each key is decided as
+        if a mutation as old as the oldest one the failed refresh covered arrived now (claim now, or
+        join / schedule the trailing refresh of the window)."""
+        outcome = Outcome()
+        claims: dict[str, list[Claim]] = defaultdict(list)
+        refs: dict[RefreshKey, set[RecordRef]] = defaultdict(set)
+        for ref, message in messages:
+            if message.dead_lettered:
+                log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
+            for key, decision in self._decide_all(message.keys()):
+                if isinstance(decision, Exception):
+                    log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
+                    outcome.failed.add(ref)
+                elif isinstance(decision, Claim):
+                    claims[key.tenant_id].append(decision)
+                    refs[key].add(ref)
+                else:
+                    self._debounced(decision, outcome)
+        ok_keys = self._refresh_all(claims, deadline_ms, outcome)
+        for tenant_claims in claims.values():
+            for claim in tenant_claims:
+                if claim.key not in ok_keys:  # SQS redelivers; after maxReceiveCount the DLQ (alarmed)
+                    outcome.failed |= refs[claim.key]
+        return outcome
+
     # -- manual operations -------------------------------------------------------------------
     def refresh_now(self, tenant_id: str, targets: Sequence[str], *, force: bool, deadline_ms: int) -> Outcome:
         """Refresh a tenant's targets as if a mutation arrived now (`force`: ignore the window)."""
@@ -256,6 +297,8 @@ class RefreshService:
                     tokens[key].extend(answer)
         if len(errors) < len(claims):
             self.telemetry.timing("CubeLatency", latency)
+        accepted = [(c, tuple(tokens[c.key])) for c in claims if c.key not in errors]
+        unverified = not self._verify_later(tenant_id, accepted)
         refreshed: list[Claim] = []
         for claim in claims:
             error = errors.get(claim.key)
@@ -263,6 +306,10 @@ class RefreshService:
                 self._release(claim)
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{error.error_class}: {error}"))
                 outcome.errors[claim.key] = error
+                continue
+            if unverified:  # released and reported: the redelivery refreshes (and verifies) again
+                self._release(claim)
+                outcome.keys.append(KeyOutcome(claim.key, "failed", "the build verification could not be scheduled"))
                 continue
             refreshed.append(claim)
             self._refreshed(claim)
@@ -296,6 +343,31 @@ class RefreshService:
                 "error": str(exc),
             },
         )
+
+    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> bool:
+        """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
+        be scheduled, the claims are released and the records redelivered, so no accepted refresh
+        goes unverified). Keys Cube answered with no job (nothing to build) are not verified."""
+        if self.verifier is None:
+            return True
+        targets = [
+            BuildTarget(
+                c.key, tokens, c.started_at, c.oldest_event_ms if c.oldest_event_ms is not None else c.started_at
+            )
+            for c, tokens in accepted
+            if tokens
+        ]
+        try:
+            self.verifier.schedule(tenant_id, targets)
+        except SchedulerUnavailable as exc:
+            log.error("build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)})
+            return False
+        for target in targets:
+            try:
+                self.debouncer.store.record_jobs(target.key, started_at=target.started_at, tokens=target.tokens)
+            except StoreUnavailable as exc:  # only `preagg-refresh jobs` reads them
+                log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
+        return True
 
     def _refreshed(self, claim: Claim) -> None:
         try:

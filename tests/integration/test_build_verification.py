@@ -1,0 +1,200 @@
+"""From queued to built, against the real local stack: each refresh's jobs are verified with Cube's
+`get` action until done, a build that really fails in PostgreSQL, a job lost to a Cube restart and a
+stuck build are re-triggered and end built, and FreshnessLag is measured. The verify and retrigger
+messages are delivered from the stack's SQS queue the way the event source mapping would
+(`devstack.observe.deliver_queue_messages`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from devstack import Stack, StackError
+from devstack.cubeapi import CubeApi
+from devstack.observe import deliver_queue_messages
+
+from .conftest import Function, Rows, msk, mutation
+
+pytestmark = pytest.mark.integration
+
+W_MS = 2_000
+
+
+def pump(
+    fn: Function, stack: Stack, tenant: str, until: Callable[[], bool], since: int, *, timeout_s: float = 60.0
+) -> list[str]:
+    """Deliver the tenant's queue messages sent since `since` until `until()`; the kinds delivered."""
+    env = stack.env()
+    kinds: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        if time.monotonic() > deadline:
+            state = fn.state(tenant, "Users")
+            raise AssertionError(f"timed out after {timeout_s:.0f} s; delivered {kinds}; key state {state}")
+        kinds += [b["kind"] for b in deliver_queue_messages(env, fn.handle, tenant, since_ms=since)]
+    return kinds
+
+
+def restart(stack: Stack, timeout_s: float = 20.0) -> None:
+    """Start Cube again once its port is free (a stopped Node server can hold it a moment longer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            stack.start_service("cube")
+            return
+        except StackError as error:
+            if "in use" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def built(fn: Function, tenant: str, since: int) -> Callable[[], bool]:
+    def check() -> bool:
+        state = fn.state(tenant, "Users")
+        return bool(state and state.build_status == "done" and (state.build_started_at or 0) >= since)
+
+    return check
+
+
+# A PostgreSQL event trigger makes Cube's CREATE TABLE in one tenant's pre-aggregation schema fail
+# (a real database error in the build, not at POST time), or stall `stall_s` seconds a given number of
+# times. The superuser Cube connects as is subject to event triggers, unlike to GRANTs.
+BLOCK_SQL = """
+CREATE TABLE IF NOT EXISTS it_build_sabotage (schema_name text PRIMARY KEY, mode text, times int, stall_s int);
+CREATE SEQUENCE IF NOT EXISTS it_build_sabotage_hits;
+CREATE OR REPLACE FUNCTION it_build_sabotage() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE r record; s record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+    SELECT * INTO s FROM it_build_sabotage WHERE schema_name = r.schema_name;
+    -- A sequence counts the hits: unlike a table update, nextval survives the failed transaction.
+    IF FOUND AND nextval('it_build_sabotage_hits') <= s.times THEN
+      IF s.mode = 'fail' THEN
+        RAISE EXCEPTION 'permission denied for schema % (integration test sabotage)', r.schema_name;
+      END IF;
+      PERFORM pg_sleep(s.stall_s);
+    END IF;
+  END LOOP;
+END $$;
+DROP EVENT TRIGGER IF EXISTS it_build_sabotage;
+CREATE EVENT TRIGGER it_build_sabotage ON ddl_command_end EXECUTE FUNCTION it_build_sabotage();
+"""
+
+
+@pytest.fixture
+def sabotage(stack: Stack) -> Iterator[Callable[[str, str, int, int], None]]:
+    stack.psql(BLOCK_SQL)
+
+    def arm(tenant: str, mode: str, times: int, stall_s: int = 0) -> None:
+        schema = "pre_aggregations_" + tenant.replace("-", "_")
+        stack.psql(
+            "INSERT INTO it_build_sabotage VALUES "
+            f"('{schema}', '{mode}', {times}, {stall_s}) ON CONFLICT (schema_name) DO UPDATE "
+            "SET mode = EXCLUDED.mode, times = EXCLUDED.times, stall_s = EXCLUDED.stall_s; "
+            "ALTER SEQUENCE it_build_sabotage_hits RESTART WITH 1"
+        )
+
+    yield arm
+    stack.psql("DROP EVENT TRIGGER IF EXISTS it_build_sabotage; DROP TABLE it_build_sabotage")
+
+
+def test_refresh_is_verified_built_with_the_new_row_and_freshness_lag_within_bound(
+    make_function, stack: Stack, cube_api: CubeApi, rows: Rows
+) -> None:
+    fn = make_function()
+    fn.reset("tenant-3", "Users")
+    rows.add_user("tenant-3")
+    expected = rows.source_count("tenant-3")
+    began = int(time.time() * 1000)
+
+    assert fn.handle(msk(mutation("tenant-3"))) == {"batchItemFailures": []}
+    kinds = pump(fn, stack, "tenant-3", built(fn, "tenant-3", began), began)
+
+    assert kinds == ["verify"], "one Cube `get` settles a quick build"
+    assert cube_api.count("tenant-3").value == expected, "the rebuilt rollup serves the new row"
+    state = fn.state("tenant-3", "Users")
+    assert state is not None and state.build_failures == 0
+    [lag] = fn.telemetry.timings["FreshnessLag"]
+    [build] = fn.telemetry.timings["BuildDuration"]
+    assert lag == state.freshness_lag_ms
+    # W + eps + build time: no debounce wait here (a leading refresh), the first poll comes 2 s after
+    # the POST (whole-second SQS delay), the receive waits up to 1 s; eps bounded at 5 s locally.
+    assert build <= lag <= W_MS + 5_000 + build, (lag, build)
+    assert fn.telemetry.counts["BuildsSucceeded"] == 1
+
+
+def test_build_failing_in_postgresql_is_retriggered_after_the_fix_and_ends_built(
+    make_function, stack: Stack, cube_api: CubeApi, rows: Rows, sabotage
+) -> None:
+    fn = make_function()
+    fn.reset("tenant-b", "Users")
+    sabotage("tenant-b", "fail", 1)  # the first build fails in the database, the re-trigger's does not
+    rows.add_user("tenant-b")
+    expected = rows.source_count("tenant-b")
+    began = int(time.time() * 1000)
+
+    assert fn.handle(msk(mutation("tenant-b"))) == {"batchItemFailures": []}
+
+    def failed() -> bool:
+        state = fn.state("tenant-b", "Users")
+        return bool(state and state.build_status == "failed")
+
+    pump(fn, stack, "tenant-b", failed, began)
+    state = fn.state("tenant-b", "Users")
+    assert state is not None
+    assert (state.build_failure_class, state.build_failures) == ("failure", 1)
+    assert "permission denied for schema pre_aggregations_tenant_b" in (state.build_error or "")
+    assert state.retrigger_due_at is not None
+
+    kinds = pump(fn, stack, "tenant-b", built(fn, "tenant-b", began), began)
+
+    assert kinds[0] == "retrigger" and kinds[-1] == "verify"
+    state = fn.state("tenant-b", "Users")
+    assert state is not None and state.build_failures == 0
+    assert fn.telemetry.counts["BuildsFailed[FailureClass=failure]"] == 1
+    assert fn.telemetry.counts["BuildsRetriggered"] == 1
+    [lag] = fn.telemetry.timings["FreshnessLag"]
+    assert lag >= state.build_seen_at - state.build_started_at  # measured from the mutation, not the retry
+    assert cube_api.count("tenant-b").value == expected
+    assert fn.posts == 2
+
+
+def test_jobs_lost_to_a_cube_restart_are_not_found_then_retriggered_and_built(
+    make_function, stack: Stack, cube_api: CubeApi, rows: Rows
+) -> None:
+    fn = make_function()
+    fn.reset("tenant-1", "Users")
+    rows.add_user("tenant-1")
+    expected = rows.source_count("tenant-1")
+    began = int(time.time() * 1000)
+
+    assert fn.handle(msk(mutation("tenant-1"))) == {"batchItemFailures": []}
+    stack.stop_service("cube")  # job tokens live in Cube's memory: the restart forgets them
+    restart(stack)
+
+    kinds = pump(fn, stack, "tenant-1", built(fn, "tenant-1", began), began)
+
+    assert kinds[:2] == ["verify", "retrigger"], kinds
+    assert fn.telemetry.counts["BuildsFailed[FailureClass=not_found]"] == 1
+    assert fn.telemetry.counts["BuildsSucceeded"] == 1
+    assert cube_api.count("tenant-1").value == expected
+
+
+def test_stuck_build_times_out_at_the_build_deadline_is_retriggered_and_built(
+    make_function, stack: Stack, cube_api: CubeApi, rows: Rows, sabotage
+) -> None:
+    fn = make_function(CUBE_PREAGG_BUILD_TIMEOUT_MS="2000")
+    fn.reset("tenant-2", "Users")
+    sabotage("tenant-2", "stall", 1, 5)  # the first build hangs 5 s in the database
+    rows.add_user("tenant-2")
+    expected = rows.source_count("tenant-2")
+    began = int(time.time() * 1000)
+
+    assert fn.handle(msk(mutation("tenant-2"))) == {"batchItemFailures": []}
+    kinds = pump(fn, stack, "tenant-2", built(fn, "tenant-2", began), began)
+
+    assert "retrigger" in kinds, kinds
+    assert fn.telemetry.counts["BuildsFailed[FailureClass=timeout]"] >= 1
+    assert cube_api.count("tenant-2").value == expected
