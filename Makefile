@@ -54,6 +54,7 @@ demo: venv ## start the local stack, play the sample events through the handler,
 bench: venv ## benchmarks (on demand): handler throughput/memory and cold import, with baselines
 	$(PY) bench/bench_handler.py
 	$(PY) bench/bench_cold_import.py
+	$(PY) bench/bench_precise.py
 
 .venv/.bench-installed: requirements-bench.txt .venv/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt

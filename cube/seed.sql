@@ -30,7 +30,8 @@ INSERT INTO tenants (id, name, created_at) VALUES
     ('tenant-b', 'Tenant B', date_trunc('second', now()::timestamp) - interval '110 days'),
     ('tenant-1', 'Tenant One', date_trunc('second', now()::timestamp) - interval '100 days'),
     ('tenant-2', 'Tenant Two', date_trunc('second', now()::timestamp) - interval '100 days'),
-    ('tenant-3', 'Tenant Three', date_trunc('second', now()::timestamp) - interval '100 days');
+    ('tenant-3', 'Tenant Three', date_trunc('second', now()::timestamp) - interval '100 days'),
+    ('tenant-h', 'Tenant History', date_trunc('second', now()::timestamp) - interval '30 months');
 
 -- users per tenant: tenant-a 60, tenant-b 40, tenant-1..3 20 each; spread over the last ~100 days
 -- (newest a few hours old); status cycles active, active, inactive, pending.
@@ -44,6 +45,17 @@ SELECT
 FROM (VALUES ('tenant-a', 60), ('tenant-b', 40), ('tenant-1', 20), ('tenant-2', 20), ('tenant-3', 20))
     AS t (id, user_count)
 CROSS JOIN LATERAL generate_series(1, t.user_count) AS n;
+
+-- tenant-h has history: 600 users over the last 30 months (20 a month, the newest a few hours old),
+-- so Users.dailyStatusCounts has about 31 monthly partitions for it. Partition-precise refreshes are
+-- shown on this tenant (tests/integration/test_precise_refresh.py, make demo).
+INSERT INTO users (id, tenant_id, status, created_at)
+SELECT
+    'tenant-h-user-' || lpad(n::text, 4, '0'),
+    'tenant-h',
+    (ARRAY['active', 'active', 'inactive', 'pending'])[1 + n % 4],
+    date_trunc('second', now()::timestamp) - interval '3 hours' - (n - 1) * (interval '30 months' / 600)
+FROM generate_series(1, 600) AS n;
 
 INSERT INTO groups (id, tenant_id, name, created_at)
 SELECT

@@ -209,12 +209,48 @@ class CubeApi:
         rows = self.stack.psql(f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")  # noqa: S608
         return {str(r[0]) for r in rows if r and r[0]}
 
+    def partition_tables(self, tenant_id: str, preagg_table: str) -> dict[str, set[RollupTable]]:
+        """The tables of one partitioned pre-aggregation (`users_daily_status_counts`), by partition
+        start (`20250301`); a partition has one table per time zone and per build still kept."""
+        found: dict[str, set[RollupTable]] = {}
+        for name in self.tables(tenant_id):
+            table = RollupTable.parse(name)
+            if table is not None and table.preagg == preagg_table and table.partition:
+                found.setdefault(table.partition, set()).add(table)
+        return found
+
     def rollup_count(self, tenant_id: str, table: str, column: str = "users__count") -> int:
         schema = tenant_schema(tenant_id)
         if not (_SAFE_SCHEMA.match(table) and _SAFE_SCHEMA.match(column)):
             raise ValueError(f"unexpected table/column name {table!r}/{column!r}")
         rows = self.stack.psql(f'SELECT coalesce(sum({column}), 0) FROM "{schema}"."{table}"')  # noqa: S608
         return int(rows[0][0] or 0)
+
+
+# Cube's pre-aggregation table names: `<preagg>[<partition yyyymmdd>]_<content>_<structure>_<built>`,
+# `built` being the build time in epoch seconds written in base 32 (as observed on Cube 1.7.43; the
+# one-second resolution is why two builds of one partition within a second collide).
+_ROLLUP_TABLE = re.compile(
+    r"^(?P<preagg>[a-z0-9_]+?)(?P<partition>\d{8})?_(?P<content>[a-z0-9]+)_(?P<structure>[a-z0-9]+)_(?P<built>[a-z0-9]+)$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class RollupTable:
+    """One pre-aggregation table in PostgreSQL, its parts read from its name."""
+
+    name: str
+    preagg: str
+    partition: str  # "" for an unpartitioned pre-aggregation
+    content: str
+    built_at_s: int
+
+    @classmethod
+    def parse(cls, name: str) -> RollupTable | None:
+        match = _ROLLUP_TABLE.match(name)
+        if match is None:
+            return None
+        return cls(name, match["preagg"], match["partition"] or "", match["content"], int(match["built"], 32))
 
 
 @dataclass(frozen=True)

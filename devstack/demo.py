@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,19 @@ EVENTS = ROOT / "events"
 DEMO_TENANTS = ("tenant-1", "tenant-2", "tenant-3")
 CUBES = ("Users", "Tenants", "Groups")
 STORY_TENANT = "tenant-1"
+PRECISE_TENANT = "tenant-h"  # cube/seed.sql: 30 months of users
+PRECISE_TARGET = "Users.dailyStatusCounts"
+PRECISE_TABLE = "users_daily_status_counts"
+PRECISE_MAP = {
+    "User": [
+        {
+            "target": PRECISE_TARGET,
+            "partitionBy": "timeHints.createdAt",
+            "granularity": "month",
+            "fields": ["status", "createdAt"],
+        }
+    ]
+}
 # The function gets its Cube secret from Secrets Manager, never from its environment.
 NOT_FOR_THE_FUNCTION = {"CUBE_API_SECRET", "PG_DSN"}
 QUIET = {
@@ -218,6 +231,75 @@ class Demo:
             delete_messages(self.env, messages)
             say("   Lambda response: no batchItemFailures (the messages are deleted)")
 
+    # ------------------------------------------------------------------ partition-precise refresh
+
+    def precise(self) -> bool:
+        """One mutation dated in an old month, routed by its time hint: only that month's partition of
+        tenant-h's Users.dailyStatusCounts is rebuilt. True when exactly one was."""
+        from devstack.observe import build_observed_service  # noqa: PLC0415
+        from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+        from handler.settings import load_settings  # noqa: PLC0415
+
+        self.step += 1
+        say()
+        say(f"{self.step}) partition-precise refresh: {PRECISE_TENANT} has 30 months of users")
+        settings = load_settings(
+            CUBE_PREAGG_DEBOUNCE_MS=str(self.settings.debounce_ms), ENTITY_CUBE_MAP=json.dumps(PRECISE_MAP)
+        )
+        service = build_observed_service(settings, CountingTelemetry(), self.spacer)
+        for stale, _ in service.debouncer.store.scan(PRECISE_TENANT):
+            service.debouncer.store.delete(stale)
+        self.stack.psql("DELETE FROM users WHERE id LIKE 'demo-%'")
+        self.cube.build(PRECISE_TENANT, ["Users"], spacer=self.spacer)
+        before = self.cube.partition_tables(PRECISE_TENANT, PRECISE_TABLE)
+        say(f"   ENTITY_CUBE_MAP routes User to {PRECISE_TARGET} by timeHints.createdAt, monthly")
+        say(f"   {PRECISE_TARGET} for {PRECISE_TENANT}: {_plural(len(before), 'monthly partition')} built")
+        today = datetime.now(UTC).date()
+        index = today.year * 12 + today.month - 1 - 14
+        when = datetime(index // 12, index % 12 + 1, 15, 12, tzinfo=UTC)
+        last_day = (when.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+        month = [when.strftime("%Y-%m-01"), last_day.strftime("%Y-%m-%d")]
+        query = {"measures": ["Users.count"], "timeDimensions": [{"dimension": "Users.createdAt", "dateRange": month}]}
+        served = int(self.cube.load(PRECISE_TENANT, query)["data"][0]["Users.count"])
+        user_id = f"demo-{PRECISE_TENANT}-{time.time_ns() // 1000}"
+        self.stack.psql(
+            f"INSERT INTO users (id, tenant_id, status, created_at) VALUES ('{user_id}', '{PRECISE_TENANT}', "  # noqa: S608
+            f"'active', '{when.strftime('%Y-%m-%d %H:%M:%S')}')"
+        )
+        say(f"   + a user created {when:%Y-%m-%d} is inserted; Cube serves {when:%B %Y} signups = {served} (stale)")
+        value = {
+            "eventType": "ENTITY_CREATED",
+            "entityType": "User",
+            "entityId": user_id,
+            "tenantId": PRECISE_TENANT,
+            "timestamp": int(time.time() * 1000),
+            "timeHints": {"createdAt": {"new": when.isoformat()}},
+        }
+        say(f"   event: ENTITY_CREATED with timeHints.createdAt.new = {when.isoformat()}")
+        from preagg_cli.local import build_msk_event  # noqa: PLC0415
+
+        response = self._handle(build_msk_event([value]), None, service=service, settings=settings)
+        tokens = sorted({t for k in service.last.keys for t in k.job_tokens})
+        for outcome in service.last.keys:
+            say(f"   key {outcome.key.pk}: {outcome.status} -> {_plural(len(outcome.job_tokens), 'job')}")
+        result = self.cube.wait_for_jobs(PRECISE_TENANT, tokens)
+        after = self.cube.partition_tables(PRECISE_TENANT, PRECISE_TABLE)
+        rebuilt = sorted(p for p in after if after[p] - before.get(p, set()))  # a new table: rebuilt
+        kept = len(before) - len(rebuilt)
+        say(
+            f"   {len(rebuilt)} of {len(before)} partitions rebuilt ({', '.join(rebuilt)}) in {result.seconds:.1f} s; "
+            f"the other {kept} kept their tables (same names and build times)"
+        )
+        fresh = int(self.cube.load(PRECISE_TENANT, query)["data"][0]["Users.count"])
+        say(f"   Cube now serves {when:%B %Y} signups = {fresh} (was {served})")
+        self._report_response(response, 0)
+        say()
+        say(
+            f"{PRECISE_TENANT}: {len(rebuilt)} of {len(before)} partitions rebuilt for one mutation "
+            f"(a whole-target refresh rebuilds all {len(before)})"
+        )
+        return len(rebuilt) == 1
+
 
 def _as_list(value: object) -> list[object]:
     return list(value) if isinstance(value, list | tuple) else []
@@ -266,7 +348,7 @@ def run(window_ms: int, keep_running: bool) -> int:
             f"{STORY_TENANT} Users.count served by Cube: {before} before -> {middle} after the leading refresh "
             f"-> {after} after the trailing refresh"
         )
-        ok = True
+        ok = demo.precise()
     except (CubeApiError, StackError, TimeoutError) as error:
         print(f"demo failed: {error}", file=sys.stderr)
     finally:

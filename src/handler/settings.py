@@ -8,7 +8,10 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from handler.domain.partitions import zone
 from handler.domain.routing import EntityCubeMap
+
+_MAP_SHAPE = "must be a JSON object of entity type -> list of cube names or target objects"
 
 
 class ConfigurationError(RuntimeError):
@@ -34,6 +37,7 @@ class Settings(BaseSettings):
         default_factory=EntityCubeMap, validation_alias="ENTITY_CUBE_MAP"
     )
     cube_timezones: Annotated[tuple[str, ...], NoDecode] = Field(("UTC",), validation_alias="CUBE_TIMEZONES")
+    max_selectors: int = Field(10, ge=1, le=100, validation_alias="CUBE_PREAGG_MAX_SELECTORS")
 
     @field_validator("cube_api_url")
     @classmethod
@@ -53,9 +57,9 @@ class Settings(BaseSettings):
         try:
             data = json.loads(value) if isinstance(value, str) else value
         except ValueError as exc:
-            raise ValueError("must be a JSON object of entity type -> list of cube names") from exc
+            raise ValueError(_MAP_SHAPE) from exc
         if not isinstance(data, dict):
-            raise ValueError("must be a JSON object of entity type -> list of cube names")
+            raise ValueError(_MAP_SHAPE)
         return EntityCubeMap(data)
 
     @field_validator("cube_timezones", mode="before")
@@ -67,6 +71,11 @@ class Settings(BaseSettings):
             not z.replace("/", "").replace("_", "").replace("-", "").replace("+", "").isalnum() for z in zones
         ):
             raise ValueError("must be a comma list of IANA time zone names")
+        for name in zones:
+            try:
+                zone(name)  # partitions are computed in local time: the zone must be known here too
+            except (KeyError, ValueError):
+                raise ValueError(f"unknown time zone {name!r}: use an IANA name such as Europe/Paris") from None
         return zones
 
 

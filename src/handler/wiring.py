@@ -78,4 +78,5 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         settings.cube_timezones,
         map_io=ThreadMap(IO_THREADS),
         verifier=verifier,
+        max_selectors=settings.max_selectors,
     )

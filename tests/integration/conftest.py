@@ -30,7 +30,7 @@ from handler.settings import Settings, load_settings
 from preagg_cli.local import build_msk_event
 
 # Every tenant and cube of cube/seed.sql and cube/model.
-TENANTS = ("tenant-a", "tenant-b", "tenant-1", "tenant-2", "tenant-3")
+TENANTS = ("tenant-a", "tenant-b", "tenant-1", "tenant-2", "tenant-3", "tenant-h")
 CUBES = ("Users", "Tenants", "Groups")
 # The function reads its Cube secret from Secrets Manager: the raw value and the DSN stay out of its env.
 NOT_FOR_THE_FUNCTION = {"CUBE_API_SECRET", "PG_DSN"}

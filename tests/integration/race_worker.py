@@ -10,6 +10,7 @@ hand to compare backends:
 from __future__ import annotations
 
 import argparse
+import calendar
 import fcntl
 import json
 import multiprocessing
@@ -30,7 +31,43 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = "race-debounce"
-ROUTES = {"User": ["Users"], "Group": ["Groups", "Users.byGroup"]}
+PARTITIONED = "Orders.monthly"
+ROUTES: dict[str, list[Any]] = {
+    "User": ["Users"],
+    "Group": ["Groups", "Users.byGroup"],
+    # Partition-precise: one key per month an Order's hint names (months 1-3 of 2026), or the whole
+    # target for an Order without a hint (docs/guarantee.md, "Partition keys").
+    "Order": [{"target": PARTITIONED, "partitionBy": "timeHints.placedAt", "granularity": "month"}],
+}
+MONTHS = (0, 1, 2, 3)  # 0: no hint
+
+
+def month_label(month: int) -> str:
+    last = calendar.monthrange(2026, month)[1]
+    return f"2026-{month:02d}-01..2026-{month:02d}-{last}"
+
+
+def selector_keys(selector: dict[str, Any]) -> list[str]:
+    """What Cube builds for a selector, as refresh-key names: a target, or `target#month range` for
+    each of the race's months a `dateRange` covers."""
+    names = [*selector.get("cubes", []), *selector.get("preAggregations", [])]
+    date_range = selector.get("dateRange")
+    if date_range is None:
+        return names
+    labels = [
+        month_label(m)
+        for m in MONTHS[1:]
+        if date_range[0][:10] <= month_label(m)[:10] and month_label(m)[-10:] <= date_range[1][:10]
+    ]
+    return [f"{name}#{label}" for name in names for label in labels]
+
+
+def mutation_keys(entity: str, month: int) -> list[str]:
+    if entity == "Order" and month:
+        return [f"{PARTITIONED}#{month_label(month)}"]
+    return [r if isinstance(r, str) else r["target"] for r in ROUTES[entity]]
+
+
 TENANTS = ("t1", "t2", "t3")
 
 
@@ -140,7 +177,7 @@ class CountingCube:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 selector = body.get("selector", {})
                 tenant = selector["contexts"][0]["securityContext"]["tenantId"]
-                targets = [*selector.get("cubes", []), *selector.get("preAggregations", [])]
+                targets = selector_keys(selector)
                 with cube.lock:
                     refuse = "preAggregations" in selector and cube.rng.random() < cube.refuse_preaggs
                     if refuse:
@@ -180,15 +217,9 @@ class FileScheduler:
         self.path = path
 
     def schedule(self, message: Any, *, now: int) -> None:
-        line = json.dumps(
-            {
-                "kind": "trailing",
-                "tenantId": message.tenant_id,
-                "target": message.target,
-                "token": message.token,
-                "dueAt": message.due_at,
-            }
-        )
+        from handler.domain.decode import trailing_body  # noqa: PLC0415
+
+        line = json.dumps(trailing_body(message))
         with open(self.path, "a", encoding="utf-8") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.write(line + "\n")
@@ -222,7 +253,7 @@ def build(endpoint: str, cube_url: str, queue_file: str, window_ms: int) -> Any:
     return RefreshService(EntityCubeMap(ROUTES), debouncer, cube, CountingTelemetry(), clock, ("UTC",))
 
 
-def worker(args: tuple[int, str, str, str, int, float, int]) -> list[tuple[str, str, int, int]]:
+def worker(args: tuple[int, str, str, str, int, float, int]) -> list[tuple[str, str, int, int, int]]:
     """One process: mutations at random times on overlapping keys; retries failed records."""
     index, endpoint, cube_url, queue_file, window_ms, duration_s, seed = args
     from handler import app  # noqa: PLC0415
@@ -230,27 +261,28 @@ def worker(args: tuple[int, str, str, str, int, float, int]) -> list[tuple[str, 
 
     service = build(endpoint, cube_url, queue_file, window_ms)
     rng = random.Random(seed * 1000 + index)
-    accepted: list[tuple[str, str, int, int]] = []
+    accepted: list[tuple[str, str, int, int, int]] = []
     end = time.monotonic() + duration_s
     while time.monotonic() < end:
         time.sleep(rng.uniform(0, 0.06))
         tenant, entity = rng.choice(TENANTS), rng.choice(list(ROUTES))
+        month = rng.choice(MONTHS) if entity == "Order" else 0
         received = now_ms()
-        event = build_msk_event(
-            [
-                {
-                    "eventType": "UPDATED",
-                    "entityType": entity,
-                    "entityId": f"e{index}",
-                    "tenantId": tenant,
-                    "timestamp": received,
-                }
-            ]
-        )
+        value: dict[str, Any] = {
+            "eventType": "UPDATED",
+            "entityType": entity,
+            "entityId": f"e{index}",
+            "tenantId": tenant,
+            "timestamp": received,
+        }
+        if month:
+            placed = f"2026-{month:02d}-{rng.randint(1, 28):02d}T12:00:00Z"
+            value["timeHints"] = {"placedAt": {"old": placed, "new": placed}}
+        event = build_msk_event([value])
         for _ in range(20):
             response = app.handle(event, service=service)
             if not response["batchItemFailures"]:
-                accepted.append((tenant, entity, received, now_ms()))
+                accepted.append((tenant, entity, month, received, now_ms()))
                 break
             time.sleep(0.05)
     return accepted
@@ -269,12 +301,14 @@ class RaceResult:
     worst_staleness_ms: int
     details: list[str]
     refused: int = 0
+    partition_refreshes: int = 0
 
     def line(self) -> str:
         return (
             f"processes={self.processes} mutations={self.mutations} refreshes={self.refreshes} "
             f"max_refreshes_per_key_per_window={self.max_per_key_per_window} uncovered={self.uncovered} "
             f"trailing_delivered={self.trailing_delivered} refused_preagg_selectors={self.refused} "
+            f"partition_key_refreshes={self.partition_refreshes} "
             f"worst_staleness_ms={self.worst_staleness_ms} "
             f"duration_s={self.duration_s:.1f}"
         )
@@ -352,7 +386,7 @@ def run_race(
 
 
 def evaluate(
-    accepted: list[tuple[str, str, int, int]],
+    accepted: list[tuple[str, str, int, int, int]],
     posts: list[tuple[str, list[str], int]],
     processes: int,
     window_ms: int,
@@ -375,19 +409,23 @@ def evaluate(
                 details.append(f"{n} refreshes of {key} within {window_ms} ms from {x}")
     uncovered = 0
     worst = 0
-    for tenant, entity, received, _acked in accepted:
-        for target in ROUTES[entity]:
+    for tenant, entity, month, received, _acked in accepted:
+        for key in mutation_keys(entity, month):
+            target = key.split("#", 1)[0]
             cube = target.split(".", 1)[0]
-            times = starts.get((tenant, target), []) + (starts.get((tenant, cube), []) if cube != target else [])
+            wider = {target, cube} - {key}
+            times = starts.get((tenant, key), []) + [t for w in wider for t in starts.get((tenant, w), [])]
             after = [t for t in times if t > received]
             if not after:
                 uncovered += 1
-                details.append(f"uncovered: {tenant}#{target} received at {received}")
+                details.append(f"uncovered: {tenant}#{key} received at {received}")
             else:
                 worst = max(worst, min(after) - received)
-    return RaceResult(
+    result = RaceResult(
         processes, len(accepted), len(posts), max_per_window, uncovered, delivered, duration, worst, details
     )
+    result.partition_refreshes = sum(len(times) for (_, key), times in starts.items() if "#" in key)
+    return result
 
 
 def main() -> int:

@@ -42,3 +42,4 @@ def test_race_on_dynalite(dynalite: str) -> None:
     assert result.refused > 0
     assert result.max_per_key_per_window <= 2, result.details[:10]
     assert result.uncovered == 0, result.details[:10]
+    assert result.partition_refreshes > 0, "the partition-precise target was exercised"

@@ -17,6 +17,7 @@ call aborts the invocation; its records are redelivered like Lambda does).
 
 from __future__ import annotations
 
+import calendar
 import heapq
 import itertools
 import logging
@@ -57,9 +58,18 @@ INVOKE_MAX_MS = 4_000  # assumption A: invocation start -> its Cube call (checke
 # the invocation that scheduled it and the one that fires it take up to A before Cube is called.
 EPS0 = SQS_ROUND_MS + SQS_JITTER_MS + POLL_MS + 2 * INVOKE_MAX_MS
 
-ROUTES = EntityCubeMap({"User": ["Users"], "Group": ["Groups", "Users.byGroup"]})
+ROUTES = EntityCubeMap(
+    {
+        "User": ["Users"],
+        "Group": ["Groups", "Users.byGroup"],
+        # A partition-precise target: one key per month a mutation's hint names (docs/guarantee.md).
+        "Order": [{"target": "Orders.monthly", "partitionBy": "timeHints.placedAt", "granularity": "month"}],
+    }
+)
+# An Order mutation is dated in month 1-3 of 2026 (its time hint) or carries no hint (0: whole target).
+MONTHS = (0, 1, 2, 3)
 TENANTS = ("t1", "t2")
-ENTITIES = ("User", "Group")
+ENTITIES = ("User", "Group", "Order")
 
 RESULTS: dict[str, dict[str, Any]] = {}
 logging.getLogger("handler").setLevel(logging.CRITICAL)  # thousands of expected Cube failures
@@ -72,7 +82,7 @@ class Crash(BaseException):
 @dataclass(frozen=True)
 class Spec:
     seed: int
-    arrivals: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]
+    arrivals: tuple[tuple[int, tuple[tuple[Any, ...], ...]], ...]  # (tenant, entity[, month])
     outages: tuple[tuple[int, int], ...] = ()
     # periods in which Cube answers 400 to pre-aggregation selectors only (other selectors queue)
     preagg_refusals: tuple[tuple[int, int], ...] = ()
@@ -96,8 +106,29 @@ class Mutation:
     received: int
     acked: bool = False
 
+    month: int = 0
+
     def refresh_keys(self) -> list[RefreshKey]:
+        """Written out by hand, not through the routing code: the checker is the oracle."""
+        if self.entity == "Order" and self.month:
+            last = calendar.monthrange(2026, self.month)[1]
+            return [
+                RefreshKey(self.tenant, "Orders.monthly", f"2026-{self.month:02d}-01..2026-{self.month:02d}-{last}")
+            ]
         return [RefreshKey(self.tenant, t) for t in ROUTES.targets_for(self.entity)]
+
+    def event(self) -> EntityMutation:
+        value: dict[str, Any] = {
+            "eventType": "UPDATED",
+            "entityType": self.entity,
+            "entityId": f"e{self.mid}",
+            "tenantId": self.tenant,
+            "timestamp": self.received,
+        }
+        if self.month:
+            placed = f"2026-{self.month:02d}-{1 + self.mid % 28:02d}T12:00:00Z"
+            value["timeHints"] = {"placedAt": {"old": placed, "new": placed}}
+        return EntityMutation.model_validate(value)
 
 
 @dataclass
@@ -241,21 +272,7 @@ class Sim:
             m = self.mutations[mid]
             if m.received < 0:
                 m.received = self.now
-        batch = [
-            (
-                RecordRef("msk", mid),
-                EntityMutation.model_validate(
-                    {
-                        "eventType": "UPDATED",
-                        "entityType": self.mutations[mid].entity,
-                        "entityId": f"e{mid}",
-                        "tenantId": self.mutations[mid].tenant,
-                        "timestamp": self.mutations[mid].received,
-                    }
-                ),
-            )
-            for mid in mids
-        ]
+        batch = [(RecordRef("msk", mid), self.mutations[mid].event()) for mid in mids]
 
         def run() -> Any:
             return self.service.process_mutations(batch, deadline_ms=self.now + 60_000)
@@ -353,8 +370,12 @@ class Sim:
                 self.disruptions.append((self.now, self.now + INVOKE_MAX_MS + self.spec.visibility_ms))
                 answers.append(CubeRejected("selector matches nothing", status=400))
                 continue
-            for name in [*body.get("cubes", []), *body.get("preAggregations", [])]:  # type: ignore[misc]
-                self.covers[RefreshKey(tenant_id, str(name))].append(self.now)
+            # Cube builds what the body says; a key counts as covered only if the body covers it.
+            for key in selector.keys:
+                if body_covers(body, key):
+                    self.covers[key].append(self.now)
+                else:
+                    self.unexpected.append(f"selector {body} does not cover {key.pk}")
             answers.append([f"job-{k.target}" for k in selector.keys])
         self.pause(self.rng.randint(*CUBE_POST))
         return answers
@@ -390,13 +411,26 @@ class Sim:
         self.events.clear()
 
 
+def body_covers(body: Mapping[str, Any], key: RefreshKey) -> bool:
+    """What Cube would build for this selector body includes the key: its target or its cube is named,
+    and for a partition key the `dateRange` (if any) contains the partition's days."""
+    names = [*body.get("cubes", []), *body.get("preAggregations", [])]
+    if key.target not in names and key.cube not in body.get("cubes", []):
+        return False
+    date_range = body.get("dateRange")
+    if not key.partition:
+        return date_range is None
+    start, end = key.partition.split("..")
+    return date_range is None or (date_range[0][:10] <= start and end <= date_range[1][:10])
+
+
 def _group_arrivals(sim: Sim) -> list[tuple[int, list[int]]]:
     out = []
     mid = itertools.count()
     for at, muts in sim.spec.arrivals:
         ids = []
-        for tenant, entity in muts:
-            m = Mutation(next(mid), tenant, entity, -1)
+        for tenant, entity, *month in muts:
+            m = Mutation(next(mid), tenant, entity, -1, month=month[0] if month else 0)
             sim.mutations[m.mid] = m
             ids.append(m.mid)
         out.append((at, ids))
@@ -494,10 +528,12 @@ def check(sim: Sim, drained: bool) -> Verdict:
             violations.append(f"mutation {m.mid} never acknowledged")
             continue
         for key in m.refresh_keys():
-            # A whole-cube refresh also rebuilds the cube's pre-aggregations (build_selectors drops
-            # `Users.byGroup` when `Users` is in the same request).
-            whole = sim.covers.get(RefreshKey(key.tenant_id, key.cube), []) if key.cube != key.target else []
-            after = [c for c in [*sim.covers.get(key, []), *whole] if c > m.received]
+            # A whole-cube refresh also rebuilds the cube's pre-aggregations, and a whole-target
+            # refresh every partition of its target (a batch folds a partition key into the
+            # whole-target key it also has).
+            wider = {RefreshKey(key.tenant_id, key.target), RefreshKey(key.tenant_id, key.cube)} - {key}
+            times = [*sim.covers.get(key, []), *(t for w in wider for t in sim.covers.get(w, []))]
+            after = [c for c in times if c > m.received]
             if not after:
                 violations.append(f"(c) mutation {m.mid} {key.pk} received at {m.received} never covered")
                 continue
@@ -564,7 +600,7 @@ def schedules(draw: st.DrawFn, *, disturbed: bool) -> Spec:
     # Arrivals cluster near window boundaries half the time: that is where the protocol decides.
     boundary = st.builds(lambda k, d: max(0, k * W + d), st.integers(0, 4), st.integers(-400, 400))
     times = draw(st.lists(st.one_of(st.integers(0, 4 * W), boundary), min_size=n, max_size=n))
-    mut = st.tuples(st.sampled_from(TENANTS), st.sampled_from(ENTITIES))
+    mut = st.tuples(st.sampled_from(TENANTS), st.sampled_from(ENTITIES), st.sampled_from(MONTHS))
     arrivals = tuple(sorted((t, tuple(draw(st.lists(mut, min_size=1, max_size=3)))) for t in times))
     spec = Spec(
         seed=draw(st.integers(0, 2**32 - 1)),
@@ -756,6 +792,55 @@ def test_model_refused_preaggregation_selector_does_not_rebuild_the_accepted_cub
     assert sum(1 for at in covers[RefreshKey("t1", "Groups")] if at < W) == 1
     assert covers[RefreshKey("t1", "Users.byGroup")]  # covered once Cube accepts the selector again
     assert verdict.sim.cube_failures >= 2
+
+
+# Partition keys: two mutations of one target dated in different months inside one window are two
+# keys; each gets its leading refresh and its own trailing one for what its window held back. A
+# hint-less mutation of the same target is the whole-target key, covering every month.
+TWO_MONTHS = Spec(
+    seed=3,
+    arrivals=(
+        (0, (("t1", "Order", 1),)),
+        (1_000, (("t1", "Order", 2),)),
+        (3_000, (("t1", "Order", 1), ("t1", "Order", 2))),
+        (6_000, (("t1", "Order", 2), ("t2", "Order", 3), ("t2", "Order", 0))),
+    ),
+)
+JAN = RefreshKey("t1", "Orders.monthly", "2026-01-01..2026-01-31")
+FEB = RefreshKey("t1", "Orders.monthly", "2026-02-01..2026-02-28")
+
+
+def test_model_two_months_of_one_target_inside_one_window_are_each_covered() -> None:
+    verdict = simulate(TWO_MONTHS)
+    assert verdict.violations == []
+    covers = verdict.sim.covers
+    for key, leading_at in ((JAN, 0), (FEB, 1_000)):
+        times = sorted(covers[key])
+        assert len(times) == 2, (key.pk, times)  # one leading, one trailing
+        assert times[0] < leading_at + 1_000 and times[1] >= leading_at + W, (key.pk, times)
+    assert RefreshKey("t1", "Orders.monthly") not in covers
+    # t2's March mutation and its hint-less one arrived together: the whole-target key covers both.
+    assert len(covers[RefreshKey("t2", "Orders.monthly")]) == 1
+    assert RefreshKey("t2", "Orders.monthly", "2026-03-01..2026-03-31") not in covers
+
+
+def test_checker_catches_selectors_whose_date_range_misses_the_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handler.domain import service as service_module  # noqa: PLC0415
+
+    real = service_module.build_selectors
+
+    def shifted(*args: Any, **kwargs: Any) -> list[Selector]:
+        out = []
+        for selector in real(*args, **kwargs):
+            body = dict(selector.body)
+            if "dateRange" in body:
+                body["dateRange"] = ["2025-01-01T00:00:00.000", "2025-01-31T23:59:59.999"]
+            out.append(Selector(body, selector.keys))
+        return out
+
+    monkeypatch.setattr(service_module, "build_selectors", shifted)
+    verdict = simulate(TWO_MONTHS)
+    assert any("does not cover" in v for v in verdict.violations), verdict.violations
 
 
 def test_model_summary() -> None:

@@ -14,6 +14,7 @@ EXPECTED_FAILURES = {
     "burst-3-tenants.json": 0,
     "mixed-bad-records.json": 8,  # every kind of bad record; the unmapped Invoice is acknowledged
     "trailing-refresh-sqs.json": 1,  # the body that is not a trailing message
+    "precise-refresh.json": 0,
 }
 EXPECTED_CUBE_REQUESTS = {
     "user-updated.json": 1,
@@ -21,6 +22,7 @@ EXPECTED_CUBE_REQUESTS = {
     "mixed-bad-records.json": 2,  # tenant-1 Users, tenant-2 Groups
     "trailing-refresh-sqs.json": 1,
     "operation-refresh.json": 1,
+    "precise-refresh.json": 2,  # default map: tenant-h Users, tenant-1 Users (the richer map: test_precise_refresh)
 }
 
 

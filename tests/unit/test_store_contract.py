@@ -227,3 +227,13 @@ def test_store_record_build_keeps_the_newest_refresh_outcome_only(store):
     st = store.get(KEY)
     assert (st.build_status, st.build_failures, st.freshness_lag_ms) == ("done", 0, 42)
     assert (st.build_error, st.build_failure_class, st.retrigger_due_at) == (None, None, None)
+
+
+def test_store_partition_keys_of_one_target_are_independent_items(store):
+    march = RefreshKey("tenant-1", "Users.daily", "2025-03-01..2025-03-31")
+    june = RefreshKey("tenant-1", "Users.daily", "2025-06-01..2025-06-30")
+    whole = RefreshKey("tenant-1", "Users.daily")
+    for key in (march, june, whole):
+        assert store.claim(key, now=T0, window_ms=W, claim_token="c", expires_at=T0 // 1000 + 100).ok
+    assert not store.claim(march, now=T0 + 1, window_ms=W, claim_token="d", expires_at=0).ok
+    assert [k for k, _ in store.scan("tenant-1")] == sorted([march, june, whole])

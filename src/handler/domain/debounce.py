@@ -129,7 +129,7 @@ class Debouncer:
                     return Debounced(key, scheduled=False, due_at=state.trailing_due_at)
                 continue
             due_at = max(now, (state.started_at or now) + self.window_ms)
-            message = TrailingMessage(key.tenant_id, key.target, self._new_token(), due_at)
+            message = TrailingMessage(key.tenant_id, key.target, self._new_token(), due_at, partition=key.partition)
             self.scheduler.schedule(message, now=now)
             replaces = state.trailing_token if state.trailing_state == "running" else None
             marked = self.store.schedule_trailing(

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from handler.domain.model import EntityMutation, InvalidRecord, RecordRef, is_valid_target, is_valid_tenant
+from handler.domain.partitions import DateRange
 from handler.domain.ports import TrailingMessage
 from handler.domain.verify import RetriggerMessage, VerifyMessage, parse_retrigger, parse_verify
 
@@ -132,8 +133,9 @@ def decode_msk_event(event: Mapping[str, Any], *, now_ms: int) -> DecodedBatch:
 
 
 def trailing_body(message: TrailingMessage) -> dict[str, object]:
-    """The SQS body of a trailing refresh (what `decode_trailing_message` reads back)."""
-    return {
+    """The SQS body of a trailing refresh (what `decode_trailing_message` reads back). `partition`
+    only for partition keys, so whole-target messages read as they did before partitions existed."""
+    body: dict[str, object] = {
         "kind": "trailing",
         "tenantId": message.tenant_id,
         "target": message.target,
@@ -141,6 +143,9 @@ def trailing_body(message: TrailingMessage) -> dict[str, object]:
         "dueAt": message.due_at,
         "attempt": message.attempt,
     }
+    if message.partition:
+        body["partition"] = message.partition
+    return body
 
 
 def decode_trailing_message(body: str) -> TrailingMessage:
@@ -163,7 +168,12 @@ def decode_trailing_message(body: str) -> TrailingMessage:
     attempt = data.get("attempt", 0)
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
         raise ValueError("trailing message has an invalid attempt")
-    return TrailingMessage(tenant, target, token, due, attempt)
+    partition = data.get("partition", "")
+    if partition != "":
+        if not isinstance(partition, str):
+            raise ValueError("trailing message has an invalid partition")
+        DateRange.parse(partition)  # ValueError names the problem, not the message
+    return TrailingMessage(tenant, target, token, due, attempt, partition)
 
 
 QueueMessage = TrailingMessage | VerifyMessage | RetriggerMessage

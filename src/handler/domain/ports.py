@@ -147,10 +147,11 @@ class TrailingMessage:
     token: str
     due_at: int
     attempt: int = 0  # retries after Cube failed this trailing refresh
+    partition: str = ""  # RefreshKey.partition: a DateRange label, or empty for the whole target
 
     @property
     def key(self) -> RefreshKey:
-        return RefreshKey(self.tenant_id, self.target)
+        return RefreshKey(self.tenant_id, self.target, self.partition)
 
 
 class TrailingScheduler(Protocol):

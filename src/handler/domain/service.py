@@ -12,7 +12,7 @@ from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
 from handler.domain.ports import Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
-from handler.domain.routing import EntityCubeMap, build_selectors
+from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
 from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class _Group:
     refs: list[RecordRef] = field(default_factory=list)
     oldest_event_ms: int = 2**63
 
+    def add(self, ref: RecordRef, event_ms: int) -> None:
+        self.refs.append(ref)  # a record may appear twice (several partitions folded into one key): harmless
+        self.oldest_event_ms = min(self.oldest_event_ms, event_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class KeyOutcome:
@@ -87,8 +91,11 @@ class RefreshService:
         timezones: Sequence[str],
         map_io: Mapper = serial_map,
         verifier: BuildVerifier | None = None,
+        *,
+        max_selectors: int = DEFAULT_MAX_SELECTORS,
     ) -> None:
         self._map = map_io
+        self.max_selectors = max_selectors
         # None: refreshes are not verified (tests and the model check of the debounce alone).
         self.verifier = verifier
         self.routes = routes
@@ -100,22 +107,7 @@ class RefreshService:
 
     # -- MSK batches -------------------------------------------------------------------------
     def process_mutations(self, mutations: Iterable[tuple[RecordRef, EntityMutation]], *, deadline_ms: int) -> Outcome:
-        groups: dict[RefreshKey, _Group] = {}
-        unmapped = 0
-        for ref, mutation in mutations:
-            targets = self.routes.targets_for(mutation.entity_type)
-            if not targets:
-                unmapped += 1
-                continue
-            for target in targets:
-                key = RefreshKey(mutation.tenant_id, target)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Group()
-                group.refs.append(ref)
-                group.oldest_event_ms = min(group.oldest_event_ms, mutation.timestamp)
-        if unmapped:
-            self.telemetry.count("UnmappedEvents", unmapped)
+        groups = self._group(mutations)
         self.telemetry.count("KeysCoalesced", len(groups))
 
         outcome = Outcome()
@@ -136,6 +128,46 @@ class RefreshService:
                 if claim.key not in ok_keys:
                     outcome.failed.update(groups[claim.key].refs)
         return outcome
+
+    def _group(self, mutations: Iterable[tuple[RecordRef, EntityMutation]]) -> dict[RefreshKey, _Group]:
+        """The refresh keys a batch makes stale, each with its records and oldest event time: one per
+        (tenant, target), or one per partition a mutation's time hint falls in. A whole-target key
+        takes in the partition keys of its target (and a cube's, of its pre-aggregations): its
+        refresh rebuilds them too. An update that changed none of a target's fields skips it."""
+        groups: dict[RefreshKey, _Group] = {}
+        unmapped = skipped = fallbacks = 0
+        for ref, mutation in mutations:
+            routes = self.routes.routes_for(mutation.entity_type)
+            if not routes:
+                unmapped += 1
+                continue
+            for route in routes:
+                if route.skips(mutation):
+                    skipped += 1
+                    continue
+                whole = RefreshKey(mutation.tenant_id, route.target)
+                partitions = route.partitions(mutation, self.timezones)
+                if partitions is None:
+                    fallbacks += route.partition_by is not None
+                    keys = [whole]
+                else:
+                    keys = [RefreshKey(whole.tenant_id, whole.target, p.label) for p in sorted(partitions)]
+                for key in keys:
+                    groups.setdefault(key, _Group()).add(ref, mutation.timestamp)
+        for key in [k for k in groups if k.partition]:
+            cover = next((c for c in (key.whole, RefreshKey(key.tenant_id, key.cube)) if c in groups), None)
+            if cover is not None:
+                group = groups.pop(key)
+                for ref in group.refs:
+                    groups[cover].add(ref, group.oldest_event_ms)
+        for name, value in (
+            ("UnmappedEvents", unmapped),
+            ("SkippedByFields", skipped),
+            ("WholeTargetFallbacks", fallbacks),
+        ):
+            if value:
+                self.telemetry.count(name, value)
+        return groups
 
     def _decide_all(
         self, keys: Sequence[tuple[RefreshKey, int]], *, force: bool = False
@@ -261,7 +293,9 @@ class RefreshService:
         """One Cube request per tenant (spread by the mapper), then the bookkeeping in order."""
 
         def call(tenant_id: str) -> tuple[list[Selector], list[CubeAnswer], int]:
-            selectors = build_selectors([c.key.target for c in claims[tenant_id]], tenant_id, self.timezones)
+            selectors = build_selectors(
+                [c.key for c in claims[tenant_id]], tenant_id, self.timezones, max_selectors=self.max_selectors
+            )
             started = self.clock.now_ms()
             answers = self.cube.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
             return selectors, answers, self.clock.now_ms() - started

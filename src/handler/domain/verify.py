@@ -31,6 +31,7 @@ from typing import Any
 
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import RecordRef, RefreshKey, is_valid_target, is_valid_tenant
+from handler.domain.partitions import DateRange
 from handler.domain.ports import BuildQueue, BuildRecord, Clock, DebounceStore, JobStatus, JobStatusReader, Telemetry
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class VerifyMessage:
             "poll": self.poll,
             "targets": [
                 {"target": t.key.target, "tokens": list(t.tokens), "startedAt": t.started_at, "oldestAt": t.oldest_ms}
+                | ({"partition": t.key.partition} if t.key.partition else {})
                 for t in self.targets
             ],
         }
@@ -100,6 +102,7 @@ class VerifyMessage:
 class RetriggerTarget:
     target: str
     oldest_ms: int
+    partition: str = ""  # RefreshKey.partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +119,17 @@ class RetriggerMessage:
     dead_lettered: bool = False
 
     def keys(self) -> list[tuple[RefreshKey, int]]:
-        return [(RefreshKey(self.tenant_id, t.target), t.oldest_ms) for t in self.targets]
+        return [(RefreshKey(self.tenant_id, t.target, t.partition), t.oldest_ms) for t in self.targets]
 
     def as_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "kind": "retrigger",
             "tenantId": self.tenant_id,
             "attempt": self.attempt,
-            "targets": [{"target": t.target, "oldestAt": t.oldest_ms} for t in self.targets],
+            "targets": [
+                {"target": t.target, "oldestAt": t.oldest_ms} | ({"partition": t.partition} if t.partition else {})
+                for t in self.targets
+            ],
         }
         if self.failure_class:
             body["failureClass"] = self.failure_class
@@ -138,6 +144,19 @@ def _int(data: Mapping[str, Any], name: str, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{what} message has an invalid {name}")
     return value
+
+
+def _partition(item: Mapping[str, Any], what: str) -> str:
+    """A partition key's range label, or "" for a whole-target key."""
+    partition = item.get("partition", "")
+    if partition == "":
+        return ""
+    try:
+        if not isinstance(partition, str):
+            raise ValueError(partition)
+        return DateRange.parse(partition).label
+    except ValueError:
+        raise ValueError(f"{what} message has an invalid partition") from None
 
 
 def _tenant_and_targets(data: Mapping[str, Any], what: str) -> tuple[str, list[Mapping[str, Any]]]:
@@ -168,7 +187,7 @@ def parse_verify(data: Mapping[str, Any]) -> VerifyMessage:
             raise ValueError("verify message has invalid job tokens")
         targets.append(
             BuildTarget(
-                RefreshKey(tenant, item["target"]),
+                RefreshKey(tenant, item["target"], _partition(item, "verify")),
                 tuple(tokens),
                 _int(item, "startedAt", "verify"),
                 _int(item, "oldestAt", "verify"),
@@ -179,7 +198,10 @@ def parse_verify(data: Mapping[str, Any]) -> VerifyMessage:
 
 def parse_retrigger(data: Mapping[str, Any]) -> RetriggerMessage:
     tenant, items = _tenant_and_targets(data, "retrigger")
-    targets = tuple(RetriggerTarget(item["target"], _int(item, "oldestAt", "retrigger")) for item in items)
+    targets = tuple(
+        RetriggerTarget(item["target"], _int(item, "oldestAt", "retrigger"), _partition(item, "retrigger"))
+        for item in items
+    )
     failure_class, error = data.get("failureClass", ""), data.get("error", "")
     if not isinstance(failure_class, str) or not isinstance(error, str):
         raise ValueError("retrigger message has an invalid failureClass or error")
@@ -359,14 +381,16 @@ class BuildVerifier:
             )
         for attempt, group in sorted(retrigger.items()):
             msg = RetriggerMessage(
-                tenant_id, tuple(RetriggerTarget(v.target.key.target, v.target.oldest_ms) for v in group), attempt
+                tenant_id,
+                tuple(RetriggerTarget(v.target.key.target, v.target.oldest_ms, v.target.key.partition) for v in group),
+                attempt,
             )
             self.queue.send(msg, due_at=now + RETRIGGER_DELAYS_MS[attempt - 1], now=now)
         for verdict, failures in dead:
             target = verdict.target
             letter = RetriggerMessage(
                 tenant_id,
-                (RetriggerTarget(target.key.target, target.oldest_ms),),
+                (RetriggerTarget(target.key.target, target.oldest_ms, target.key.partition),),
                 failures,
                 verdict.failure_class,
                 verdict.error,
