@@ -24,7 +24,7 @@ import random
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 TENANT = "tenant-h"
@@ -33,7 +33,8 @@ WHOLE_MAP = {"User": [DAILY]}
 PRECISE_MAP = {"User": [{"target": DAILY, "partitionBy": "timeHints.createdAt", "granularity": "month"}]}
 TIMEZONES = "UTC,America/New_York"
 RECORDS = 10_000
-KEY_TENANTS = tuple(f"tenant-{i:02d}" for i in range(20))
+# Dense: 500 mutations per tenant per batch (most months of each tenant touched). Sparse: 5 per tenant.
+TENANT_COUNTS = (20, 2_000)
 T0 = datetime(2026, 11, 20, 12, tzinfo=UTC)
 
 
@@ -139,8 +140,8 @@ def _bench_cube(stack: Any, env: Any, mutations: int) -> list[str]:
 # ----------------------------------------------------------------------------- 2. AWS-side cost
 
 
-def realistic_batch(rng: random.Random, start_offset: int) -> dict[str, Any]:
-    """10,000 updates over 20 tenants: 80 % dated in the current month, 15 % in the 3 before, 5 % in
+def realistic_batch(rng: random.Random, start_offset: int, tenants: int) -> dict[str, Any]:
+    """10,000 updates over `tenants` tenants: 80 % dated in the current month, 15 % in the 3 before, 5 % in
     the 24 before that; one in ten is a create."""
     from preagg_cli.local import build_msk_event  # noqa: PLC0415
 
@@ -151,14 +152,41 @@ def realistic_batch(rng: random.Random, start_offset: int) -> dict[str, Any]:
         index = T0.year * 12 + T0.month - 1 - age
         when = datetime(index // 12, index % 12 + 1, rng.randint(1, 28), rng.randint(0, 23), tzinfo=UTC)
         create = rng.random() < 0.1
-        value = mutation(rng.choice(KEY_TENANTS), when, event_type="ENTITY_CREATED" if create else "ENTITY_UPDATED")
+        value = mutation(
+            f"tenant-{rng.randrange(tenants):04d}", when, event_type="ENTITY_CREATED" if create else "ENTITY_UPDATED"
+        )
         if create:
             value["timeHints"] = {"createdAt": {"new": when.isoformat()}}
         values.append(value)
     return build_msk_event(values, start_offset=start_offset)
 
 
+HISTORY_MONTHS = 28  # the batches' rows span the current month and the 27 before it
+
+
+def partition_builds(requests: list[tuple[str, list[dict[str, object]]]]) -> int:
+    """Monthly partitions the posted selectors ask Cube to build: the months a `dateRange` spans, or
+    every month of the history for a selector without one (one time zone)."""
+    total = 0
+    for _, selectors in requests:
+        for selector in selectors:
+            date_range = selector.get("dateRange")
+            if not isinstance(date_range, list):
+                total += HISTORY_MONTHS
+                continue
+            first, last = (date.fromisoformat(str(d)[:10]) for d in date_range)
+            total += (last.year - first.year) * 12 + last.month - first.month + 1
+    return total
+
+
 def bench_keys() -> list[str]:
+    lines: list[str] = []
+    for tenants in TENANT_COUNTS:
+        lines += _bench_keys(tenants)
+    return lines
+
+
+def _bench_keys(tenants: int) -> list[str]:
     from handler.adapters.memory import CountingTelemetry, InMemoryDebounceStore, RecordingCube, RecordingScheduler  # noqa: PLC0415
     from handler.domain.debounce import Debouncer  # noqa: PLC0415
     from handler.domain.decode import decode_msk_event  # noqa: PLC0415
@@ -173,8 +201,8 @@ def bench_keys() -> list[str]:
 
     rng = random.Random(9)
     batches = [
-        decode_msk_event(realistic_batch(rng, 0)).mutations,
-        decode_msk_event(realistic_batch(rng, RECORDS)).mutations,
+        decode_msk_event(realistic_batch(rng, 0, tenants), now_ms=int(T0.timestamp() * 1000)).mutations,
+        decode_msk_event(realistic_batch(rng, RECORDS, tenants), now_ms=int(T0.timestamp() * 1000)).mutations,
     ]
     rows: dict[str, dict[str, int]] = {}
     for side, mapping in (("whole-target", WHOLE_MAP), ("partition-precise", PRECISE_MAP)):
@@ -193,6 +221,7 @@ def bench_keys() -> list[str]:
             counts[f"{name}: SQS messages"] = len(scheduler.messages) - messages
             counts[f"{name}: Cube requests (tenants)"] = len(cube.requests) - posts
             counts[f"{name}: Cube selectors"] = sum(len(s) for _, s in cube.requests[posts:])
+            counts[f"{name}: partitions to build"] = partition_builds(cube.requests[posts:])
         clock.now += 30_000
         due = scheduler.due(clock.now)
         writes, posts = store.writes, len(cube.requests)
@@ -204,11 +233,13 @@ def bench_keys() -> list[str]:
         assert not fired.failed
         counts["trailing: DynamoDB writes"] = store.writes - writes
         counts["trailing: Cube selectors"] = sum(len(s) for _, s in cube.requests[posts:])
+        counts["trailing: partitions to build"] = partition_builds(cube.requests[posts:])
         counts["total DynamoDB writes"] = store.writes
         counts["total SQS messages"] = len(scheduler.messages) + len(due)
+        counts["total partitions to build"] = sum(v for k, v in counts.items() if k.endswith("partitions to build"))
         rows[side] = counts
     lines = [
-        f"keys: 2 x {RECORDS:,} records over {len(KEY_TENANTS)} tenants (80 % current month, 15 % 1-3 months "
+        f"keys: 2 x {RECORDS:,} records over {tenants:,} tenants (80 % current month, 15 % 1-3 months "
         "back, 5 % 4-27 months back; 10 % creates), window 30 s, UTC",
         "| figure | whole-target (today) | partition-precise | precise / today |",
         "|---|---|---|---|",
@@ -216,7 +247,7 @@ def bench_keys() -> list[str]:
     for name in rows["whole-target"]:
         today, precise = rows["whole-target"][name], rows["partition-precise"][name]
         lines.append(
-            f"| {name} | {today:,} | {precise:,} | {precise / today:.1f}x |"
+            f"| {name} | {today:,} | {precise:,} | {precise / today:.2f}x |"
             if today
             else f"| {name} | 0 | {precise:,} | - |"
         )

@@ -9,6 +9,7 @@ and the counts Cube serves before and after.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from devstack.stack import SERVICES, Stack, StackEnv, StackError
 
 if TYPE_CHECKING:
     from devstack.observe import ObservedService
+    from handler.domain.model import RefreshKey
     from handler.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +137,7 @@ class Demo:
         from handler.wiring import now_ms  # noqa: PLC0415
 
         self.step += 1
-        event = json.loads((EVENTS / name).read_text())
+        event = _restamp(json.loads((EVENTS / name).read_text()), now_ms())
         say()
         say(f"{self.step}) events/{name}: {blurb}")
         batch = decode_msk_event(event, now_ms=now_ms())
@@ -167,6 +169,7 @@ class Demo:
             elif key.status == "failed":
                 say(f"   FAILED {key.key.pk}: {key.detail} (claim released, records reported for retry)")
         self._report_jobs(calls_before)
+        self._report_builds([k.key for k in outcome.keys if k.status == "refreshed"])
         self._report_response(response, len(batch.invalid))
         return debounced
 
@@ -185,6 +188,30 @@ class Demo:
                 f"   polled {call.tenant_id}: {' -> '.join(seen)} "
                 f"({_plural(len(result.statuses), 'job')} in {result.seconds:.1f} s)"
             )
+
+    def _report_builds(self, keys: Sequence[RefreshKey], timeout_s: float = 30.0) -> None:
+        """Deliver the function's own verify messages (2 s after each POST) until it has seen every
+        refreshed key's build `done`; print the freshness lag it measured."""
+        from devstack.observe import deliver_queue_messages  # noqa: PLC0415
+
+        store = self.service.debouncer.store
+        pending = set(keys)
+        deadline = time.monotonic() + timeout_s
+        time.sleep(2.2)  # the first verification is due 2 s after the POST (SQS DelaySeconds)
+        while pending and time.monotonic() < deadline:
+            # Every receive counts towards the queue's maxReceiveCount for the trailing messages it
+            # also sees: one round a second, not a tight loop.
+            if not deliver_queue_messages(self.env, self.handle, None, kinds=("verify", "retrigger"), visibility_s=3):
+                time.sleep(1.0)
+            for key in sorted(pending):
+                state = store.get(key)
+                if state and state.build_status == "done" and state.build_started_at == state.jobs_started_at:
+                    lag = (state.freshness_lag_ms or 0) / 1000
+                    say(f"   verified by the function: {key.pk} built, freshness lag {lag:.1f} s (mutation -> built)")
+                    pending.discard(key)
+        for key in sorted(pending):
+            state = store.get(key)
+            say(f"   not verified yet: {key.pk} ({state.build_status if state else 'no state'})")
 
     @staticmethod
     def _report_response(response: Mapping[str, Any], invalid: int) -> None:
@@ -225,6 +252,7 @@ class Demo:
         for key in self.service.last.keys:
             say(f"   {key.key.pk}: {key.status} {key.detail}".rstrip())
         self._report_jobs(calls_before)
+        self._report_builds([k.key for k in self.service.last.keys if k.status == "refreshed"])
         if response.get("batchItemFailures"):
             say(f"   Lambda response: {len(response['batchItemFailures'])} failed (left in the queue for a retry)")
         else:
@@ -299,6 +327,31 @@ class Demo:
             f"(a whole-target refresh rebuilds all {len(before)})"
         )
         return len(rebuilt) == 1
+
+
+def _restamp(event: dict[str, Any], now: int) -> dict[str, Any]:
+    """The sample events carry fixed timestamps; give each well-formed mutation the current time so
+    the freshness lag the function measures counts from now. Bad records are left untouched."""
+    for records in event.get("records", {}).values():
+        for record in records:
+            try:
+                value = json.loads(base64.b64decode(record.get("value") or "", validate=True))
+            except ValueError:
+                continue
+            if isinstance(value, dict) and _is_time(value.get("timestamp")):
+                value["timestamp"] = now
+                record["value"] = base64.b64encode(json.dumps(value).encode()).decode()
+    return event
+
+
+def _is_time(value: object) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    try:
+        datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return isinstance(value, str)
 
 
 def _as_list(value: object) -> list[object]:

@@ -129,23 +129,25 @@ def as_sqs_event(messages: Iterable[Mapping[str, Any]], env: StackEnv) -> dict[s
 def deliver_queue_messages(
     env: StackEnv,
     handle: Callable[[dict[str, Any]], dict[str, Any]],
-    tenant_id: str,
+    tenant_id: str | None,
     *,
     kinds: Collection[str] = ("trailing", "verify", "retrigger"),
     wait_s: int = 1,
     since_ms: int = 0,
+    visibility_s: int = 30,
 ) -> list[dict[str, Any]]:
-    """One round of what the SQS event source mapping does, for one tenant's messages: receive the
+    """One round of what the SQS event source mapping does, for one tenant's messages (any tenant's
+    when `tenant_id` is None): receive the
     due ones of `kinds`, invoke `handle` with them as an SQS event, delete those it did not report
     failed (a failed one comes back after 2 s). Messages of other tenants or kinds are left invisible
-    for 30 s; the tenant's messages sent before `since_ms` (left by an earlier run) are deleted.
-    Returns the bodies delivered."""
+    for `visibility_s`; the tenant's messages sent before
+    `since_ms` (left by an earlier run) are deleted. Returns the bodies delivered."""
     sqs = _sqs(env)
     answer = sqs.receive_message(
         QueueUrl=env.refresh_queue_url,
         MaxNumberOfMessages=10,
         WaitTimeSeconds=wait_s,
-        VisibilityTimeout=30,
+        VisibilityTimeout=visibility_s,
         AttributeNames=["All"],
     )
     ours: list[dict[str, Any]] = []
@@ -155,7 +157,7 @@ def deliver_queue_messages(
             body = json.loads(received.get("Body", "{}"))
         except ValueError:
             continue
-        if not (isinstance(body, dict) and body.get("tenantId") == tenant_id and body.get("kind") in kinds):
+        if not (isinstance(body, dict) and tenant_id in (None, body.get("tenantId")) and body.get("kind") in kinds):
             continue
         if int(received.get("Attributes", {}).get("SentTimestamp", since_ms)) < since_ms:
             sqs.delete_message(QueueUrl=env.refresh_queue_url, ReceiptHandle=str(received["ReceiptHandle"]))

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
+from handler import snapstart
 from handler.domain.decode import MalformedEvent, decode_msk_event, decode_queue_message, iter_msk_records
 from handler.domain.model import RecordRef
 from handler.domain.ports import TrailingMessage
 from handler.domain.service import Outcome, RefreshService
 from handler.domain.verify import RetriggerMessage, VerifyMessage
 from handler.observability import PowertoolsTelemetry, logger, metrics, tracer
-from handler.operations import OperationError, run_operation
 from handler.settings import Settings, load_settings
 from handler.wiring import build_service, now_ms
+
+if TYPE_CHECKING:  # annotations only: importing it at runtime loads Powertools' utilities package
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 # Milliseconds kept back from the Lambda deadline for releasing claims and answering.
 DEADLINE_RESERVE_MS = 2_000
@@ -32,6 +33,9 @@ telemetry = PowertoolsTelemetry()
 @lru_cache(maxsize=1)
 def _service() -> RefreshService:
     return build_service(SETTINGS, telemetry)
+
+
+snapstart.register(_service)  # no-op unless the runtime takes snapshots (SnapStart=on)
 
 
 def _deadline(context: LambdaContext | None) -> int:
@@ -78,6 +82,9 @@ def handle(
     ):
         return handle_trailing(records, context, service, settings)
     if "operation" in event:
+        # Operator calls are rare: their module is loaded on the first one, not at every cold start.
+        from handler.operations import OperationError, run_operation  # noqa: PLC0415
+
         try:
             return run_operation(event, service or _service(), settings, deadline_ms=_deadline(context))
         except OperationError as exc:

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.shared import constants
+from aws_lambda_powertools.shared.functions import resolve_truthy_env_var_choice
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+class NoTracer:
+    """Stands in for Powertools' Tracer when tracing is off (POWERTOOLS_TRACE_DISABLED, which the
+    template sets from TracingEnabled): a disabled Tracer still loads the X-Ray SDK at cold start."""
+
+    def capture_lambda_handler(self, **_: Any) -> Callable[[_Handler], _Handler]:
+        def unchanged(handler: _Handler) -> _Handler:
+            return handler
+
+        return unchanged
+
+
+def _tracing_disabled() -> bool:
+    # Powertools' own variable, read the way Powertools reads it.
+    return resolve_truthy_env_var_choice(env=os.getenv(constants.TRACER_DISABLED_ENV, "false"))
+
 
 logger = Logger()
-tracer = Tracer()
+# Typed as Tracer: callers use only capture_lambda_handler, which NoTracer provides.
+tracer = cast(Tracer, NoTracer()) if _tracing_disabled() else Tracer()
 metrics = Metrics()
 # The domain logs through the standard library; give its loggers the same JSON format.
 copy_config_to_registered_loggers(source_logger=logger, include={"handler"})

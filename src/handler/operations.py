@@ -41,6 +41,7 @@ def describe(key: RefreshKey, state: KeyState, window_ms: int) -> dict[str, Any]
     return {
         "tenantId": key.tenant_id,
         "target": key.target,
+        **({"partition": key.partition} if key.partition else {}),
         "lastRefreshStartedAt": _iso(state.started_at),
         "windowEndsAt": _iso(window_ends),
         "lastDebouncedMutationAt": _iso(state.dirty_at),
@@ -111,7 +112,7 @@ def run_operation(
         ]
         for key in doomed:
             store.delete(key)
-        return {"ok": True, "operation": "clear", "cleared": [k.target for k in doomed]}
+        return {"ok": True, "operation": "clear", "cleared": [k.pk.split("#", 1)[1] for k in doomed]}
 
     outcome = service.refresh_now(request.tenant_id, targets, force=request.force, deadline_ms=deadline_ms)
     keys = [

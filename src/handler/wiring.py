@@ -1,4 +1,8 @@
-"""Builds the service from settings: the one place adapters are chosen and clients created."""
+"""Builds the service from settings: the one place adapters are chosen and clients created.
+
+boto3, httpx, PyJWT and the adapters are imported by `build_service`, not by this module: importing
+`handler.app` then costs only what every invocation needs (bench/bench_cold_import.py measures both
+the import and the first `build_service`)."""
 
 from __future__ import annotations
 
@@ -7,13 +11,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import boto3
-import httpx
-from botocore.config import Config
-
-from handler.adapters.aws import SqsBuildQueue, SqsTrailingScheduler, cached_secret
-from handler.adapters.cube import CubeJobsClient
-from handler.adapters.dynamodb import DynamoDBDebounceStore
 from handler.domain.debounce import Debouncer
 from handler.domain.ports import Telemetry
 from handler.domain.service import RefreshService
@@ -22,12 +19,6 @@ from handler.settings import Settings
 
 IO_THREADS = 8
 
-_AWS_CONFIG = Config(
-    retries={"mode": "standard", "max_attempts": 3},
-    connect_timeout=2,
-    read_timeout=5,
-    max_pool_connections=IO_THREADS,
-)
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -55,9 +46,24 @@ class SystemClock:
 
 
 def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
+    # Deferred imports (see the module docstring); PLC0415 is the point here.
+    import boto3  # noqa: PLC0415
+    import httpx  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
+    from handler.adapters.aws import SqsBuildQueue, SqsTrailingScheduler, cached_secret  # noqa: PLC0415
+    from handler.adapters.cube import CubeJobsClient  # noqa: PLC0415
+    from handler.adapters.dynamodb import DynamoDBDebounceStore  # noqa: PLC0415
+
+    aws_config = Config(
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=2,
+        read_timeout=5,
+        max_pool_connections=IO_THREADS,
+    )
     clock = SystemClock()
-    store = DynamoDBDebounceStore(boto3.client("dynamodb", config=_AWS_CONFIG), settings.debounce_table_name)
-    sqs = boto3.client("sqs", config=_AWS_CONFIG)
+    store = DynamoDBDebounceStore(boto3.client("dynamodb", config=aws_config), settings.debounce_table_name)
+    sqs = boto3.client("sqs", config=aws_config)
     scheduler = SqsTrailingScheduler(sqs, settings.refresh_queue_url)
     build_queue = SqsBuildQueue(sqs, settings.refresh_queue_url, settings.build_dead_letter_queue_url)
     cube = CubeJobsClient(

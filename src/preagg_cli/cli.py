@@ -314,7 +314,7 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
         rows.append(
             [
                 key["tenantId"],
-                key["target"],
+                key["target"] + (f" {key['partition']}" if key.get("partition") else ""),
                 last,
                 _when(key.get("windowEndsAt"), now),
                 pending,

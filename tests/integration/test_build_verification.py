@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from devstack import Stack, StackError
 from devstack.cubeapi import CubeApi
 from devstack.observe import deliver_queue_messages
+from handler.adapters.dynamodb import DynamoDBDebounceStore
+from handler.domain.model import RefreshKey
+from handler.domain.ports import BuildRecord
 
-from .conftest import Function, Rows, msk, mutation
+from .conftest import Function, Rows, aws, msk, mutation
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +202,28 @@ def test_stuck_build_times_out_at_the_build_deadline_is_retriggered_and_built(
     assert "retrigger" in kinds, kinds
     assert fn.telemetry.counts["BuildsFailed[FailureClass=timeout]"] >= 1
     assert cube_api.count("tenant-2").value == expected
+
+
+def test_duplicate_verifications_racing_on_dynalite_settle_a_refresh_once(make_function, stack_env) -> None:
+    """16 threads (own boto3 clients) record outcomes of the same refresh, and of an older one, at once:
+    dynalite's conditional write lets exactly one of the newest win and none of the older."""
+    fn = make_function()
+    key = RefreshKey("tenant-3", "Groups")
+    fn.reset("tenant-3", "Groups")
+    now = int(time.time() * 1000)
+    fn.store.claim(key, now=now, window_ms=W_MS, claim_token="c", expires_at=now // 1000 + 3600)
+    stores = [DynamoDBDebounceStore(aws("dynamodb", stack_env), stack_env.debounce_table_name) for _ in range(16)]
+
+    def settle(i: int) -> bool:
+        started = now if i % 2 == 0 else now - 1_000  # half of them verify an older refresh
+        record = BuildRecord(started, "failed", now + i, failure_class="not_found", failures=1)
+        return stores[i].record_build(key, record)
+
+    with ThreadPoolExecutor(16) as pool:
+        won = list(pool.map(settle, range(16)))
+
+    state = fn.state("tenant-3", "Groups")
+    assert state is not None and state.build_started_at == now
+    assert sum(won[0::2]) == 1, won
+    assert sum(won[1::2]) <= 1  # an older one may land first, never after the newer one
+    fn.reset("tenant-3", "Groups")

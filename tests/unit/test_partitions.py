@@ -244,3 +244,24 @@ def test_selectors_treat_an_unreadable_partition_or_a_partitioned_cube_name_as_w
     selectors = build_selectors(keys, "t1", ["UTC"])
     assert [s.body.get("cubes") or s.body.get("preAggregations") for s in selectors] == [["Groups"], [DAILY]]
     assert all("dateRange" not in s.body for s in selectors)
+
+
+def test_settings_refuse_a_bad_richer_map_or_an_unknown_zone_naming_the_variable(monkeypatch):
+    from handler.settings import ConfigurationError, load_settings  # noqa: PLC0415
+
+    base = {
+        "CUBE_API_URL": "https://cube.example.com/cubejs-api",
+        "CUBE_API_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:1:secret:x",
+        "DEBOUNCE_TABLE_NAME": "t",
+        "REFRESH_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/q",
+    }
+    for name, value in base.items():
+        monkeypatch.setenv(name, value)
+    bad_map = '{"User": [{"target": "Users", "partitionBy": "timeHints.createdAt", "granularity": "month"}]}'
+    with pytest.raises(ConfigurationError, match=r"ENTITY_CUBE_MAP.*'Users'.*pre-aggregation id"):
+        load_settings(ENTITY_CUBE_MAP=bad_map)
+    with pytest.raises(ConfigurationError, match=r"CUBE_TIMEZONES.*Mars/Olympus"):
+        load_settings(CUBE_TIMEZONES="UTC,Mars/Olympus")
+    good = load_settings(ENTITY_CUBE_MAP=bad_map.replace('"Users"', '"Users.daily"'), CUBE_PREAGG_MAX_SELECTORS="4")
+    assert good.entity_cube_map.routes_for("User")[0].partition_by == "timeHints.createdAt"
+    assert good.max_selectors == 4

@@ -103,12 +103,23 @@ def test_a_whole_key_in_the_batch_takes_in_the_partition_keys_of_its_target():
 def test_many_months_in_one_batch_are_coalesced_into_merged_ranges_and_capped():
     r = rig()
     r.service.max_selectors = 3
-    months = ["2025-01-10", "2025-02-10", "2025-05-10", "2025-08-10", "2025-11-10"]
-    run(r, *(hinted(m, m, entity_id=m) for m in months))
+    run(r, *(hinted(m, m, entity_id=m) for m in ["2025-01-10", "2025-05-10", "2025-11-10"]))
     [(_, selectors)] = r.cube.requests
-    # main (whole) + Jan-Feb, May, Aug, Nov would be 5 > 3: one covering range instead
+    # main (whole) + January, May, November would be 4 > 3: one covering range instead
     assert [s.get("dateRange") for s in selectors] == [None, ["2025-01-01T00:00:00.000", "2025-11-30T23:59:59.999"]]
-    assert len([k for k in r.store.items if k.partition]) == 5, "the keys stay per partition"
+    assert len([k for k in r.store.items if k.partition]) == 3, "the keys stay per partition"
+
+
+def test_more_partitions_of_one_target_than_selectors_in_one_batch_become_the_whole_target_key():
+    r = rig()
+    r.service.max_selectors = 3
+    months = ["2025-01-10", "2025-02-10", "2025-05-10", "2025-08-10"]
+    out = run(r, *(hinted(m, m, entity_id=m) for m in months), hinted("2025-03-01", "2025-03-01", tenant="tenant-2"))
+    assert sorted(k.key.pk for k in out.keys if k.key.target == DAILY) == [
+        f"tenant-1#{DAILY}",
+        f"tenant-2#{DAILY}#{MARCH}",
+    ]
+    assert not [k for k in r.store.items if k.partition and k.tenant_id == "tenant-1"]
 
 
 def test_two_months_of_one_target_inside_one_window_each_get_their_trailing_refresh():
@@ -159,8 +170,17 @@ def test_verify_and_retrigger_messages_keep_the_partition_of_their_keys():
     retrigger = RetriggerMessage("tenant-1", (RetriggerTarget(DAILY, 5, MARCH), RetriggerTarget(DAILY, 6)), 1)
     decoded = decode_queue_message(json.dumps(retrigger.as_body()))
     assert decoded == retrigger and isinstance(decoded, RetriggerMessage)
-    assert decoded.keys() == [(key, 5), (key.whole, 6)]
+    assert decoded.refresh_keys() == [(key, 5), (key.whole, 6)]
     bad = verify.as_body()
     bad["targets"][0]["partition"] = "2025-03"
     with pytest.raises(ValueError, match="invalid partition"):
         decode_queue_message(json.dumps(bad))
+
+
+def test_stats_name_the_partition_of_a_partition_key():
+    from handler.domain.ports import KeyState  # noqa: PLC0415
+    from handler.operations import describe  # noqa: PLC0415
+
+    row = describe(RefreshKey("tenant-1", DAILY, MARCH), KeyState(started_at=1), 30_000)
+    assert (row["target"], row["partition"]) == (DAILY, MARCH)
+    assert "partition" not in describe(RefreshKey("tenant-1", DAILY), KeyState(started_at=1), 30_000)

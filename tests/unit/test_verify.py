@@ -190,7 +190,7 @@ def test_verifier_failed_build_retriggers_only_the_failed_key_after_a_backoff(st
     rig.deliver()
     [(due, message)] = rig.queue.messages
     assert isinstance(message, RetriggerMessage)
-    assert message.keys() == [(KEY, T0 - 9)] and message.attempt == 1
+    assert message.refresh_keys() == [(KEY, T0 - 9)] and message.attempt == 1
     assert due == rig.clock.now + 2_000
     assert rig.store.get(KEY).retrigger_due_at == due
     assert rig.store.get(other).build_status == "done"
@@ -310,7 +310,7 @@ def test_service_refresh_verify_failure_retrigger_done_end_to_end_over_fakes():
     rig.build_queue.due(due)
     assert not rig.service.process_verify([(RecordRef("sqs", 0), verify)], deadline_ms=rig.deadline).failed
     [(due, retrigger)] = rig.build_queue.messages
-    assert isinstance(retrigger, RetriggerMessage) and retrigger.keys() == [(KEY, T0 - 300)]
+    assert isinstance(retrigger, RetriggerMessage) and retrigger.refresh_keys() == [(KEY, T0 - 300)]
     rig.clock.now = max(due, T0 + 5_000)  # the window is over: the re-trigger claims at once
     rig.build_queue.due(rig.clock.now)
     assert not rig.service.process_retrigger([(RecordRef("sqs", 0), retrigger)], deadline_ms=rig.deadline).failed

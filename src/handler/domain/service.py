@@ -154,6 +154,16 @@ class RefreshService:
                     keys = [RefreshKey(whole.tenant_id, whole.target, p.label) for p in sorted(partitions)]
                 for key in keys:
                     groups.setdefault(key, _Group()).add(ref, mutation.timestamp)
+        # A batch that touches more partitions of one target than one request may carry ranges for
+        # gets the whole-target key instead: it would be widened to (nearly) the whole target at the
+        # Cube request anyway, and one key costs one DynamoDB write instead of one per partition.
+        per_target: dict[RefreshKey, int] = {}
+        for key in groups:
+            if key.partition:
+                per_target[key.whole] = per_target.get(key.whole, 0) + 1
+        for whole, count in per_target.items():
+            if count > self.max_selectors:
+                groups.setdefault(whole, _Group())
         for key in [k for k in groups if k.partition]:
             cover = next((c for c in (key.whole, RefreshKey(key.tenant_id, key.cube)) if c in groups), None)
             if cover is not None:
@@ -255,7 +265,7 @@ class RefreshService:
         for ref, message in messages:
             if message.dead_lettered:
                 log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
-            for key, decision in self._decide_all(message.keys()):
+            for key, decision in self._decide_all(message.refresh_keys()):
                 if isinstance(decision, Exception):
                     log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
                     outcome.failed.add(ref)
@@ -371,7 +381,7 @@ class RefreshService:
             "cube refused or failed the refresh",
             extra={
                 "tenant_id": tenant_id,
-                "targets": [k.target for k in selector.keys],
+                "targets": [k.pk.split("#", 1)[1] for k in selector.keys],
                 "error_class": exc.error_class,
                 "status": exc.status,
                 "error": str(exc),

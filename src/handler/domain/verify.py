@@ -118,7 +118,7 @@ class RetriggerMessage:
     error: str = ""
     dead_lettered: bool = False
 
-    def keys(self) -> list[tuple[RefreshKey, int]]:
+    def refresh_keys(self) -> list[tuple[RefreshKey, int]]:
         return [(RefreshKey(self.tenant_id, t.target, t.partition), t.oldest_ms) for t in self.targets]
 
     def as_body(self) -> dict[str, Any]:
