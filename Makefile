@@ -64,8 +64,9 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
 	$(PY) -m bench.sim.report
 
-bench-sim: venv ## the simulation's smallest scenario against the real local stack (agreement check, ~2 min)
+bench-sim: venv ## the simulation's smallest scenario against the real local stack, handler driven directly and through the local event sources (~3 min)
 	$(PY) -m bench.sim.agreement
+	$(PY) -m bench.sim.agreement --event-sources
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start

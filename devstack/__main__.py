@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 stack.start(timeout=args.timeout, event_sources=not args.no_event_sources)
             print(f"devstack: ready in {time.monotonic() - began:.1f} s; env in {stack.state / 'env.sh'}")
-            for line in stack.status().values():
+            statuses = stack.status()
+            for line in statuses.values():
                 print(line.line())
+            if not args.service and statuses["esm"].up:
+                print(
+                    "next: `source .venv/bin/activate`, then `preagg-refresh produce --tenant tenant-1 --entity-type "
+                    "User` and watch `tail -f .stack/logs/esm.log` (README: the local stack as a system)"
+                )
         elif args.command == "stop":
             _stop(stack, args.service, args.purge)
         elif args.command == "status":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,20 @@ from preagg_cli.local import build_msk_event
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "events"
+
+
+def sample_events() -> list[Path]:
+    """The repository's sample events: `events/*.json` tracked by git. A developer's own files there
+    (`make-event ... > events/mine.json`) are not test inputs; everything committed is."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--", "events/*.json"], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file is a sample
+        return sorted(EVENTS.glob("*.json"))
+    return sorted(ROOT / name for name in listed.split("\0") if name and "/" not in name.removeprefix("events/"))
+
+
 T0 = 1_795_953_600_000
 
 

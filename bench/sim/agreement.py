@@ -81,7 +81,9 @@ class Measured:
             self.counts[name] += n
 
 
-def measure(sc: Scenario, batches: list[Any], start: float, end: float) -> dict[str, float]:
+def measure(
+    sc: Scenario, batches: list[Any], start: float, end: float, *, event_sources: bool = False
+) -> dict[str, float]:
     from devstack import Stack  # noqa: PLC0415
     from devstack.cubeapi import CubeApi, Spacer  # noqa: PLC0415
     from devstack.stack import SERVICES  # noqa: PLC0415
@@ -106,6 +108,8 @@ def measure(sc: Scenario, batches: list[Any], start: float, end: float) -> dict[
         spacer = Spacer()
         for i in range(sc.tenants):  # first builds into a tenant schema can race in Cube: do them first
             api.build(tenant_name(i), cubes, spacer=spacer)
+        if event_sources:
+            return _play_through_event_sources(stack, sc, batches, start, cubes)
         return _play_live(sc, batches, start, end, env, cubes)
     finally:
         if len(down) == len(SERVICES):
@@ -252,14 +256,94 @@ def _play_live(
     return dict(measured.counts)
 
 
+def _play_through_event_sources(
+    stack: Any, sc: Scenario, batches: list[Any], start: float, cubes: tuple[str, ...]
+) -> dict[str, float]:
+    """The same mutations produced to the local Kafka topic at their times; the stack's own event source
+    mappings (devstack/esm.py: Kafka batching, SQS delivery) invoke the function in their process. Counted
+    from outside: Cube job POSTs in Cube's own log, invocations and SQS messages in the mappings'
+    journal. DynamoDB writes are not visible from here."""
+    from confluent_kafka import Producer  # noqa: PLC0415 - dev dependency
+
+    from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+    from handler.domain.model import RefreshKey  # noqa: PLC0415
+    from handler.settings import load_settings  # noqa: PLC0415
+    from handler.wiring import build_service  # noqa: PLC0415
+
+    before = stack.status()
+    stack.stop_service("esm")
+    stack.stop_service("kafka")  # a fresh topic and consumer group
+    os.environ["CUBE_PREAGG_DEBOUNCE_MS"] = str(int(sc.window_s * 1000))  # the esm process inherits it
+    stack.start_service("kafka")
+    stack.start_service("esm")
+    try:
+        env = stack.env()
+        store = build_service(load_settings(), CountingTelemetry()).debouncer.store
+        for i in range(sc.tenants):
+            for cube in cubes:
+                store.delete(RefreshKey(tenant_name(i), cube))
+        journal = stack.logs / "invocations.jsonl"
+        cube_log = stack.logs / "cube.log"
+        journal_at = journal.stat().st_size if journal.exists() else 0
+        cube_at = cube_log.stat().st_size
+        producer = Producer({"bootstrap.servers": env.kafka_bootstrap_servers, "log_level": 3})
+        targets = {0: "User", 1: "Tenant", 2: "Group"}
+        t0 = time.time() + 1.0
+        origin = start - 1
+        records = sorted((kb.oldest_s + j * 0.001, kb) for kb in batches for j in range(kb.count))
+        for n, (at, kb) in enumerate(records):
+            time.sleep(max(0.0, t0 + (at - origin) - time.time()))
+            value = {
+                "eventType": "ENTITY_UPDATED",
+                "entityType": targets[kb.etype],
+                "entityId": f"e-{n}",
+                "tenantId": tenant_name(kb.tenant),
+                "timestamp": int(time.time() * 1000),
+            }
+            producer.produce(stack_topic(), value=json.dumps(value).encode(), key=tenant_name(kb.tenant).encode())
+            producer.poll(0)
+        producer.flush(15)
+        del producer  # before the topic's cluster stops
+        time.sleep(sc.window_s + 8)  # the last trailing refreshes: one window, SQS delivery, the poll
+        entries = [json.loads(line) for line in journal.read_bytes()[journal_at:].decode().splitlines() if line]
+        posts = sum(
+            1
+            for line in cube_log.read_bytes()[cube_at:].decode(errors="replace").splitlines()
+            if '"path":"/cubejs-api/v1/pre-aggregations/jobs"' in line and '"method":"POST"' in line
+        )
+        return {
+            "cube_posts": posts,
+            "records": sum(e["records"] for e in entries if e["source"] == "kafka"),
+            "msk_invocations": sum(1 for e in entries if e["source"] == "kafka"),
+            "sqs_received": sum(e["records"] for e in entries if e["source"] == "sqs"),
+            "failures": sum(e["failures"] for e in entries),
+        }
+    finally:
+        stack.stop_service("esm")
+        if not before["kafka"].up:
+            stack.stop_service("kafka")
+        if before["esm"].up:  # a developer's event sources: back, with their environment
+            os.environ.pop("CUBE_PREAGG_DEBOUNCE_MS", None)
+            stack.start_service("esm")
+
+
+def stack_topic() -> str:
+    from bench.sim.report import ROOT  # noqa: PLC0415
+    from devstack.template import event_sources  # noqa: PLC0415
+
+    return event_sources(ROOT / "template.yaml").topic
+
+
 def agrees(simulated: float, measured: float) -> bool:
     return abs(simulated - measured) <= max(MIN_SLACK, TOLERANCE * simulated)
 
 
-def table(title: str, sim: dict[str, float], real: dict[str, float]) -> tuple[str, bool]:
+def table(
+    title: str, sim: dict[str, float], real: dict[str, float], compared: tuple[str, ...] = COMPARED
+) -> tuple[str, bool]:
     rows = [title, "| count | simulated | measured | agree (max(2, 10%)) |", "|---|---|---|---|"]
     ok = True
-    for name in COMPARED:
+    for name in compared:
         s, m = sim.get(name, 0.0), real.get(name, 0.0)
         good = agrees(s, m)
         ok &= good
@@ -272,25 +356,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=3.0, help="W of the live run (CUBE_PREAGG_DEBOUNCE_MS / 1000)")
     ap.add_argument("--model-window-s", type=float, default=None, help="W the model assumes (default: the live W)")
     ap.add_argument("--seconds", type=int, default=45, help="length of the schedule")
+    ap.add_argument(
+        "--event-sources",
+        action="store_true",
+        help="produce to the local Kafka topic and let the stack's event source mappings invoke the function",
+    )
     args = ap.parse_args(argv)
     live = scenario(args.window_s)
+    compared = COMPARED
+    if args.event_sources:  # the local mapping is one consumer for all partitions: one batch stream
+        live = live.with_(partitions=1)
+        compared = ("cube_posts", "msk_invocations", "sqs_received")
     batches, start, end = make_schedule(live, args.seconds)
     records = sum(kb.count for kb in batches)
     print(f"schedule: {len(batches)} key-batches, {records} mutations, {args.seconds} s, W = {live.window_s:g} s")
     model_w = args.model_window_s if args.model_window_s is not None else live.window_s
-    sim = simulate(live.with_(window_s=model_w), batches, start, end)
+    flushes = len({(kb.flush_s, kb.partition) for kb in batches})
+    sim = simulate(live.with_(window_s=model_w), batches, start, end) | {"msk_invocations": flushes}
     wrong_w = live.window_s / 3
-    sim_wrong = simulate(live.with_(window_s=wrong_w), batches, start, end)
+    sim_wrong = simulate(live.with_(window_s=wrong_w), batches, start, end) | {"msk_invocations": flushes}
     began = time.time()
-    real = measure(live, batches, start, end)
-    print(
-        f"live run: {time.time() - began:.0f} s; {real.get('records', 0)} records sent, "
-        f"{real.get('cube_jobs', 0)} Cube job tokens, {real.get('ddb_reads', 0)} DynamoDB reads "
-        "(dynalite ignores ReturnValuesOnConditionCheckFailure, so the adapter reads after a failed condition)"
-    )
-    text, ok = table(f"\nmodel W = {model_w:g} s (the live run's W = {live.window_s:g} s):", sim, real)
+    real = measure(live, batches, start, end, event_sources=args.event_sources)
+    if args.event_sources:
+        print(
+            f"live run through the local event sources: {time.time() - began:.0f} s; {real.get('records', 0)} "
+            f"records delivered, {real.get('failures', 0)} reported failures (DynamoDB writes are not visible "
+            "from outside the mappings' process)"
+        )
+    else:
+        print(
+            f"live run: {time.time() - began:.0f} s; {real.get('records', 0)} records sent, "
+            f"{real.get('cube_jobs', 0)} Cube job tokens, {real.get('ddb_reads', 0)} DynamoDB reads "
+            "(dynalite ignores ReturnValuesOnConditionCheckFailure, so the adapter reads after a failed condition)"
+        )
+    text, ok = table(f"\nmodel W = {model_w:g} s (the live run's W = {live.window_s:g} s):", sim, real, compared)
     print(text)
-    text_wrong, ok_wrong = table(f"\ndeliberately wrong model, W = {wrong_w:g} s (must NOT agree):", sim_wrong, real)
+    text_wrong, ok_wrong = table(
+        f"\ndeliberately wrong model, W = {wrong_w:g} s (must NOT agree):", sim_wrong, real, compared
+    )
     print(text_wrong)
     if not ok:
         print("\nFAIL: the model does not agree with the local stack")

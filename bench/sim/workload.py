@@ -91,14 +91,12 @@ def partition_rates(sc: Scenario, rates: np.ndarray) -> np.ndarray:
 
 
 def flush_interval(sc: Scenario, rate: float) -> float:
-    """Seconds between two batches of a partition receiving `rate` records/s: the batching window
-    closes a batch, or BatchSize fills it first; at low rates a batch waits for its first record."""
+    """Mean seconds between two batches of a partition receiving `rate` records/s: a batch opens with
+    its first record and closes a batching window later, or when BatchSize records are in; the next
+    one opens with the next record (on average 1 / rate later)."""
     if rate <= 0:
         return math.inf
-    fill = sc.batch_size / rate
-    if rate * sc.batch_window_s >= 1:
-        return min(sc.batch_window_s, fill)
-    return min(sc.batch_window_s + 1 / rate, fill)
+    return min(sc.batch_window_s + 1 / rate, sc.batch_size / rate)
 
 
 @dataclass
@@ -250,8 +248,5 @@ def msk_invocations(sc: Scenario, rates: np.ndarray) -> tuple[float, float]:
             if rate <= 0:
                 continue
             records += rate * HOUR_S
-            if rate * sc.batch_window_s >= 1:
-                invocations += HOUR_S / flush_interval(sc, rate)
-            else:  # a batch per first record, holding what arrives in the next window
-                invocations += rate * HOUR_S / (1 + rate * sc.batch_window_s)
+            invocations += HOUR_S / flush_interval(sc, rate)
     return invocations, records

@@ -17,6 +17,7 @@ from devstack.observe import as_sqs_event, delete_messages, receive_trailing
 from handler.domain.decode import decode_msk_event
 from handler.domain.routing import EntityCubeMap
 from handler.wiring import now_ms
+from tests.builders import sample_events
 
 from .conftest import (
     LogCapture,
@@ -31,9 +32,7 @@ from .conftest import (
 pytestmark = pytest.mark.integration
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
-MSK_SAMPLES = sorted(
-    p.name for p in EVENTS.glob("*.json") if json.loads(p.read_text()).get("eventSource") == "aws:kafka"
-)
+MSK_SAMPLES = sorted(p.name for p in sample_events() if json.loads(p.read_text()).get("eventSource") == "aws:kafka")
 # The bad records of events/mixed-bad-records.json (README: one of each kind); the unmapped `Invoice`
 # record and the good ones are acknowledged.
 TOPIC = "core.entities.lifecycle.mutated"

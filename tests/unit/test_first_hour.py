@@ -14,7 +14,7 @@ import pytest
 import devstack
 import devstack.__main__ as devstack_main
 from preagg_cli import cli, local
-from tests.builders import EVENTS, mutation
+from tests.builders import EVENTS, mutation, sample_events
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,13 +27,25 @@ def run_local(argv, monkeypatch, capsys, stdin=""):
 
 
 # -- 7: make-event -----------------------------------------------------------------------------------
+# -- 7: make-event -----------------------------------------------------------------------------------
+def test_user_event_file_in_events_is_not_a_test_input():
+    mine = EVENTS / "zz-first-hour-mine.json"
+    mine.write_text("{}")  # what `make-event ... > events/mine.json` (or a failed one) leaves behind
+    try:
+        samples = sample_events()
+    finally:
+        mine.unlink()
+    assert mine not in samples
+    assert EVENTS / "user-updated.json" in samples
+
+
 def test_make_event_output_under_events_local_is_not_a_sample_event(monkeypatch, capsys):
     target = EVENTS / "local" / "zz-first-hour-test.json"
     try:
         code, _, err = run_local(["make-event", "-o", str(target)], monkeypatch, capsys, json.dumps(mutation()) + "\n")
         assert code == 0 and target.is_file()
         assert "wrote" in err
-        assert target not in sorted(EVENTS.glob("*.json"))  # what the sample-event tests collect
+        assert target not in sample_events()  # what the sample-event tests collect
         ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=ROOT, check=False)
         assert ignored.returncode == 0
     finally:

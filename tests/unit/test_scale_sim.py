@@ -18,9 +18,10 @@ def _setup(sc: Scenario) -> tuple[SliceSetup, Meter]:
     return SliceSetup(sc, meter, {0: 1.0}, 1.0, np.random.default_rng(0)), meter
 
 
-def test_flush_interval_busy_partition_closes_every_window_or_when_full() -> None:
+def test_flush_interval_batch_closes_a_window_after_its_first_record_or_when_full() -> None:
     sc = Scenario(batch_size=100, batch_window_s=1.0)
-    assert flush_interval(sc, 50.0) == 1.0
+    assert flush_interval(sc, 50.0) == pytest.approx(1.02)  # the window, then the next record
+    assert flush_interval(sc, 0.5) == pytest.approx(3.0)
     assert flush_interval(sc, 1_000.0) == pytest.approx(0.1)  # 100 records fill the batch first
     assert flush_interval(sc, 0.0) == math.inf
 
