@@ -28,6 +28,7 @@ carries the on-failure envelope of the S3 destination (metadata and the one-reco
 from __future__ import annotations
 
 import base64
+import faulthandler
 import json
 import os
 import signal
@@ -432,6 +433,7 @@ def _run_sqs(settings: EventSources, environ: Mapping[str, str], function: Funct
 
 def main(argv: list[str]) -> int:
     """`python -m devstack.esm REPO_ROOT`: run both mappings until SIGTERM."""
+    faulthandler.enable()  # a crash in a native extension (librdkafka) leaves its stack in esm.log
     root = Path(argv[0]).resolve()
     state = root / ".stack"
     environ = json.loads((state / "env.json").read_text())

@@ -8,6 +8,7 @@ them. Not a broker for production; no Kafka broker installs offline."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ TOPICS = ("core.entities.lifecycle.mutated", "core.entities.lifecycle.mutated.dl
 
 
 def main(argv: list[str]) -> int:
+    faulthandler.enable()  # a crash inside librdkafka leaves its stack in kafka.log
     from confluent_kafka import Producer  # noqa: PLC0415 - dev dependency, only in this process
 
     state = Path(argv[0])
