@@ -41,5 +41,5 @@ def test_repository_no_tracked_file_cites_a_document_outside_it():
 
 def test_outside_references_reports_each_citation_with_file_and_line(tmp_path):
     sample = tmp_path / "x.py"
-    sample.write_text("# see " + "FIELD" + "-NOTES 3\nok\n# ../" + "shared/STYLE.md\n")
+    sample.write_text("# see " + "FIELD" + "-NOTES 3\nok\n# ../" + "shared/STY" + "LE.md\n")
     assert [hit.split(": ")[0] for hit in outside_references([sample], root=tmp_path)] == ["x.py:1", "x.py:3"]
