@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench scale bench-sim \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim \
         stack-start stack-stop stack-status clean
 
 help:
@@ -56,6 +56,9 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 	$(PY) bench/bench_cold_import.py
 	$(PY) bench/bench_deadline.py
 	$(PY) bench/bench_precise.py
+
+bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~8 min; issue 8)
+	$(PY) bench/bench_freshness.py
 
 .venv/.bench-installed: requirements-bench.txt .venv/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
