@@ -16,6 +16,13 @@ from pathlib import Path
 # Popen objects of services this process started, so a stopped child is reaped instead of being
 # left as a zombie that still "exists" (matters when a test stops and restarts Cube many times).
 _children: dict[int, subprocess.Popen[bytes]] = {}
+# How reaped children ended (a negative code is the signal that ended them), for error messages.
+_exit_codes: dict[int, int] = {}
+
+
+def exit_code(pid: int) -> int | None:
+    """The exit status of a child this process started and has seen end, else None."""
+    return _exit_codes.get(pid)
 
 
 def free_port() -> int:
@@ -35,6 +42,7 @@ def port_open(port: int, timeout: float = 0.3) -> bool:
 def _reap(pid: int) -> None:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
+        _exit_codes[pid] = child.returncode
         del _children[pid]
 
 
@@ -66,6 +74,11 @@ def read_pid(pid_file: Path, marker: str) -> int | None:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
+    child = _children.get(pid)
+    if child is not None and child.poll() is None:
+        # Our own running child (an unreaped PID cannot be recycled). The checks below once missed a
+        # Cube this process had just started: it was taken for dead and left running, untracked.
+        return pid
     if pid_alive(pid) and marker in cmdline(pid):
         return pid
     return None
