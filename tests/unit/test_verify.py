@@ -219,6 +219,47 @@ def test_verifier_dead_letters_after_the_last_retrigger_and_resets_on_success():
     assert (rig.store.get(KEY).build_status, rig.store.get(KEY).build_failures) == ("done", 0)
 
 
+def test_verifier_refresh_started_after_the_dead_letter_gets_a_fresh_budget_of_retriggers():
+    rig = Rig()
+    rig.jobs.default = "failure: permission denied for table users"
+    for _ in range(MAX_RETRIGGERS + 1):
+        rig.clock.advance(1_000)
+        rig.refresh()
+        rig.deliver()
+    assert rig.store.get(KEY).build_status == "dead_lettered" and len(rig.queue.dead_letters) == 1
+    rig.queue.messages.clear()
+    # The replay of the dead letter (or a new mutation) refreshes after it: re-trigger 1 of 5 again.
+    rig.clock.advance(1_000)
+    rig.refresh()
+    rig.deliver()
+    state = rig.store.get(KEY)
+    assert (state.build_status, state.build_failures) == ("failed", 1)
+    assert [m.attempt for m in rig.retriggers()] == [1]
+    assert len(rig.queue.dead_letters) == 1
+
+
+def test_verifier_refresh_started_before_the_dead_letter_does_not_restart_the_budget():
+    rig = Rig()
+    rig.jobs.default = "failure: boom"
+    for _ in range(MAX_RETRIGGERS):
+        rig.clock.advance(1_000)
+        rig.refresh()
+        rig.deliver()
+    rig.clock.advance(1_000)
+    older = rig.refresh()  # in flight while the next one is dead-lettered
+    rig.queue.messages.clear()
+    rig.clock.advance(1_000)
+    rig.refresh()
+    rig.deliver()
+    assert rig.store.get(KEY).build_status == "dead_lettered"
+    # The older refresh's failure arrives after the dead letter: it is settled already (older than
+    # the recorded refresh), so no re-trigger and no second dead letter.
+    rig.clock.advance(1_000)
+    rig.verifier.schedule(KEY.tenant_id, [older])
+    rig.deliver()
+    assert rig.retriggers() == [] and len(rig.queue.dead_letters) == 1
+
+
 def test_verifier_duplicate_verify_messages_settle_once():
     rig = Rig()
     rig.jobs.default = "failure: boom"

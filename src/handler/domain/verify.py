@@ -12,7 +12,8 @@ queue) carries the job tokens of each key. Delivered, it polls Cube once for all
   *retrigger* message is sent for the failed keys after a backoff; delivered, it goes through the
   debounce protocol like a mutation as old as the oldest one the failed refresh covered. After
   `MAX_RETRIGGERS` consecutive failures of a key, the retrigger message is dead-lettered instead
-  (an operator redrives it to the refresh queue to replay it) and `BuildsDeadLettered` alarms.
+  (an operator redrives it to the refresh queue to replay it) and `BuildsDeadLettered` alarms. A
+  refresh that starts after the dead letter (the replay, or a new mutation) has a fresh budget.
 
 Crash and duplicate safety: messages are sent before the outcome is recorded, and the record is
 conditional on the refresh being newer than the last one recorded (`buildStartedAt`), so a duplicate
@@ -32,7 +33,16 @@ from typing import Any
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import RecordRef, RefreshKey, is_valid_target, is_valid_tenant
 from handler.domain.partitions import DateRange
-from handler.domain.ports import BuildQueue, BuildRecord, Clock, DebounceStore, JobStatus, JobStatusReader, Telemetry
+from handler.domain.ports import (
+    BuildQueue,
+    BuildRecord,
+    Clock,
+    DebounceStore,
+    JobStatus,
+    JobStatusReader,
+    KeyState,
+    Telemetry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +263,17 @@ def classify(
 # --------------------------------------------------------------------------- the verifier
 
 
+def _previous_failures(state: KeyState | None, started_at: int) -> int:
+    """The key's consecutive failed builds before this one. A refresh that started after the key was
+    dead-lettered (an operator's replay of the dead letter, or a new mutation) gets a fresh budget of
+    re-triggers: the alarm has fired, and what comes next is a new attempt, not more of the old one."""
+    if state is None or not state.build_failures:
+        return 0
+    if state.build_status == "dead_lettered" and state.build_seen_at is not None and started_at > state.build_seen_at:
+        return 0
+    return state.build_failures
+
+
 class BuildVerifier:
     """Schedules verifications of accepted refreshes and settles them when they come due."""
 
@@ -356,7 +377,7 @@ class BuildVerifier:
             state = self.store.get(target.key)
             if state is not None and state.build_started_at is not None and state.build_started_at >= target.started_at:
                 continue  # settled already (a duplicate message, or a newer refresh): nothing to do
-            failures = (state.build_failures if state is not None and state.build_failures else 0) + 1
+            failures = _previous_failures(state, target.started_at) + 1
             superseded = state is not None and state.started_at is not None and state.started_at > target.started_at
             due = None
             if failures > MAX_RETRIGGERS or verdict.failure_class in NOT_RETRIGGERED:
