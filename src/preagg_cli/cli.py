@@ -335,6 +335,8 @@ def describe_build(build: Mapping[str, Any] | None, now: datetime) -> str:
         lag = build.get("freshnessLagMs")
         lag_text = f" (freshness lag {lag / 1000:.1f} s)" if isinstance(lag, int) else ""
         return f"last built {_when(build.get('seenAt'), now)}{lag_text}"
+    if build.get("status") == "nothing_to_build":
+        return f"nothing to build {_when(build.get('seenAt'), now)} (no partition in range, or no such pre-aggregation)"
     reason = f"{build.get('failureClass')}: {build.get('error')}" if build.get("error") else build.get("failureClass")
     failures, most = build.get("failures") or 0, build.get("maxRetriggers") or 0
     if build.get("status") == "dead_lettered":

@@ -233,6 +233,27 @@ def test_update_of_a_field_no_target_reads_posts_nothing(precise, cube_api: Cube
     assert cube_api.tables(TENANT) == before
 
 
+def test_mutation_dated_before_the_build_range_is_nothing_to_build_not_a_dead_letter(
+    precise, cube_api: CubeApi
+) -> None:
+    # Cube answers 400 "doesn't match any of the pre-aggregations" to a date range it has no
+    # partition in. Such a record used to fail and be retried until it was dead-lettered.
+    fn = precise()
+    before = settled(cube_api)
+    long_ago = datetime(2010, 3, 14, 12)
+
+    tables = run(fn, cube_api, event("ENTITY_UPDATED", old=long_ago, new=long_ago, changedFields=["status"]))
+
+    old_key = f"{TENANT}#{DAILY}#2010-03-01..2010-03-31"
+    outcomes = {k.key.pk: (k.status, k.detail) for k in fn.service.last.keys}
+    assert outcomes[old_key] == ("refreshed", "leading, nothing to build"), outcomes
+    assert fn.telemetry.counts.get("NothingToBuild") == 1
+    [state] = [s for k, s in fn.store.scan(TENANT) if k.pk == old_key]
+    assert state.build_status == "nothing_to_build"
+    assert all(DAILY_TABLE not in t for t in tables.values()), "no partition was built for 2010"
+    assert_untouched(cube_api, before, set())
+
+
 def test_mutation_without_hints_rebuilds_the_whole_target(precise, cube_api: CubeApi) -> None:
     fn = precise()
     before = settled(cube_api)

@@ -476,6 +476,19 @@ def test_stats_shows_a_failed_build_and_its_next_retrigger():
     assert "build failed: failure: failure: permission denied for table users (re-trigger 1/5 due" in out
 
 
+def test_stats_shows_a_key_cube_had_nothing_to_build_for():
+    rig = Rig(verify=True)
+    target = in_process(rig)
+    real = rig.cube.trigger
+    rig.cube.trigger = lambda tenant, selectors, *, deadline_ms: [
+        [] for _ in real(tenant, selectors, deadline_ms=deadline_ms)
+    ]  # type: ignore[method-assign]
+    run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
+    assert rig.build_queue.messages == [], "no job: nothing to verify"
+    _, out, _ = run(["stats", "--tenant", "tenant-1"], target)
+    assert "nothing to build" in out
+
+
 def test_jobs_shows_live_cube_job_states_of_the_latest_refresh():
     rig = Rig(verify=True)
     target = in_process(rig)

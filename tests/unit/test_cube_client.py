@@ -224,3 +224,23 @@ def test_cube_client_redacts_a_token_cube_echoes_in_its_error_text():
     with pytest.raises(CubeRejected) as info:
         only(client(server), deadline_ms=NOW + 60_000)
     assert str(info.value) == "Cube rejected the request (403): Invalid token Bearer [redacted] / [redacted]"
+
+
+NO_MATCH_400 = {"error": "A user's selector doesn't match any of the pre-aggregations defined in the data model."}
+
+
+def test_cube_client_no_partition_in_a_date_range_is_no_jobs_not_an_error():
+    # Cube answers this 400 when the range lies outside the pre-aggregation's build range (observed).
+    ranged = Selector({"preAggregations": ["Users.daily"], "dateRange": ["2010-03-01", "2010-03-31"]}, ())
+    server = Server(httpx.Response(400, json=NO_MATCH_400), httpx.Response(400, json=NO_MATCH_400))
+    answers = client(server).trigger("t", [ranged, SELECTOR], deadline_ms=NOW + 60_000)
+    assert answers[0] == []
+    assert isinstance(answers[1], CubeRejected), "without a date range the same 400 is a configuration error"
+    assert len(server.requests) == 2
+
+
+def test_cube_client_other_400s_on_a_date_range_stay_errors():
+    ranged = Selector({"preAggregations": ["Users.daily"], "dateRange": ["2010-03-01", "2010-03-31"]}, ())
+    server = Server(httpx.Response(400, json={"error": "Unknown key: dateRanges"}))
+    [answer] = client(server).trigger("t", [ranged], deadline_ms=NOW + 60_000)
+    assert isinstance(answer, CubeRejected)

@@ -184,3 +184,38 @@ def test_stats_name_the_partition_of_a_partition_key():
     row = describe(RefreshKey("tenant-1", DAILY, MARCH), KeyState(started_at=1), 30_000)
     assert (row["target"], row["partition"]) == (DAILY, MARCH)
     assert "partition" not in describe(RefreshKey("tenant-1", DAILY), KeyState(started_at=1), 30_000)
+
+
+class OutOfRangeCube:
+    """Cube with no partition before 2020: a date range there gets no jobs (the adapter turns
+    Cube's 400 for it into an empty answer)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def trigger(self, tenant_id, selectors, *, deadline_ms):
+        answers = self.inner.trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+        return [
+            [] if str(s.body.get("dateRange", ["9999"])[0]) < "2020" else a
+            for s, a in zip(selectors, answers, strict=True)
+        ]
+
+
+def test_partition_outside_the_build_range_is_nothing_to_build_not_a_failure():
+    r = rig(verify=True)
+    r.service.cube = OutOfRangeCube(r.cube)
+    out = run(r, hinted("2010-03-14T09:30:00Z", "2010-03-14T09:30:00Z", changedFields=["status"]))
+    old_key = RefreshKey("tenant-1", DAILY, "2010-03-01..2010-03-31")
+    assert not out.failed, "the record is not retried or dead-lettered"
+    statuses = {k.key: (k.status, k.detail) for k in out.keys}
+    assert statuses[old_key] == ("refreshed", "leading, nothing to build")
+    assert r.telemetry.counts["NothingToBuild"] == 1
+    assert r.store.get(old_key).build_status == "nothing_to_build"
+    # Only the key with jobs is verified.
+    [(_, verify)] = r.build_queue.messages
+    assert [t.key for t in verify.targets] == [RefreshKey("tenant-1", "Users.main")]
+    # A second mutation of that old row inside the window is debounced, not sent to Cube again.
+    requests = len(r.cube.requests)
+    r.clock.advance(100)
+    assert not run(r, hinted("2010-03-14T09:30:00Z", "2010-03-14T09:30:00Z", changedFields=["status"])).failed
+    assert len(r.cube.requests) == requests

@@ -23,6 +23,10 @@ from handler.domain.model import Selector
 from handler.domain.ports import CubeAnswer, JobStatus
 
 TOKEN_TTL_S = 300
+# Cube's 400 for a selector that matches no pre-aggregation. For a selector with a `dateRange` it is
+# also the answer when the range holds none of the pre-aggregation's partitions (outside its build
+# range), observed on Cube 1.3: nothing to build, which `trigger` answers as an empty job list.
+NO_MATCH = "doesn't match any of the pre-aggregations"
 _Answer = TypeVar("_Answer")
 _MAX_ERROR_TEXT = 300
 
@@ -62,7 +66,8 @@ class CubeJobsClient:
 
     def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
         """One POST per selector; a selector's failure is its own answer and never costs the jobs
-        Cube already queued for the others."""
+        Cube already queued for the others. A date range Cube has no partition in is answered with
+        no jobs (see NO_MATCH), not an error: there is nothing stale to rebuild."""
         try:
             token = self.token_for(tenant_id)
         except Exception as exc:  # the secret provider's own errors (Secrets Manager, Powertools)
@@ -76,7 +81,8 @@ class CubeJobsClient:
                     self._post(token, {"action": "post", "selector": selector.body}, deadline_ms, parse=_job_tokens)
                 )
             except CubeError as exc:
-                answers.append(exc)
+                out_of_range = exc.status == 400 and "dateRange" in selector.body and NO_MATCH in str(exc)
+                answers.append([] if out_of_range else exc)
         return answers
 
     def job_statuses(self, tenant_id: str, tokens: Sequence[str], *, deadline_ms: int) -> dict[str, JobStatus]:

@@ -28,7 +28,7 @@ class KeyState:
     expires_at: int | None = None
     # The last build outcome verified (see handler.domain.verify): the refresh it belongs to, ...
     build_started_at: int | None = None
-    build_status: str | None = None  # "done" | "failed" | "dead_lettered"
+    build_status: str | None = None  # "done" | "failed" | "dead_lettered" | "nothing_to_build"
     build_seen_at: int | None = None  # when the verification saw it
     freshness_lag_ms: int | None = None
     build_failure_class: str | None = None
@@ -45,7 +45,7 @@ class BuildRecord:
     """A verified build outcome of the refresh that started at `started_at`."""
 
     started_at: int
-    status: str  # "done" | "failed" | "dead_lettered"
+    status: str  # "done" | "failed" | "dead_lettered" | "nothing_to_build"
     seen_at: int
     freshness_lag_ms: int | None = None
     failure_class: str = ""

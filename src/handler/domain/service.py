@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
 from handler.domain.errors import CubeError, CubeNotSent, OutOfTime, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
-from handler.domain.ports import Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
+from handler.domain.ports import BuildRecord, Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
 from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
 from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
 
@@ -409,7 +409,7 @@ class RefreshService:
             self.telemetry.count("RefreshesByCube", dimension=("Cube", claim.key.cube))
             if claim.oldest_event_ms is not None:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
-            detail = "trailing" if claim.trailing else "leading"
+            detail = ("trailing" if claim.trailing else "leading") + ("" if tokens[claim.key] else ", nothing to build")
             outcome.keys.append(KeyOutcome(claim.key, "refreshed", detail, tuple(tokens[claim.key])))
         if refreshed:
             log.info(
@@ -439,7 +439,8 @@ class RefreshService:
     def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> bool:
         """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
         be scheduled, the claims are released and the records redelivered, so no accepted refresh
-        goes unverified). Keys Cube answered with no job (nothing to build) are not verified."""
+        goes unverified). Keys Cube answered with no job are not verified: see _nothing_to_build."""
+        self._nothing_to_build(tenant_id, [c for c, tokens in accepted if not tokens])
         if self.verifier is None:
             return True
         targets = [
@@ -460,6 +461,26 @@ class RefreshService:
             except StoreUnavailable as exc:  # only `preagg-refresh jobs` reads them
                 log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
         return True
+
+    def _nothing_to_build(self, tenant_id: str, claims: Sequence[Claim]) -> None:
+        """Keys Cube accepted with no job: a partition outside the pre-aggregation's build range (Cube
+        has no rollup of that range, so nothing of it is stale), or a target that names no
+        pre-aggregation (a configuration error, which whole-target keys of the target surface as a
+        400). Counted, logged and recorded on the key's item (`stats` shows it), never retried."""
+        if not claims:
+            return
+        self.telemetry.count("NothingToBuild", len(claims))
+        log.warning(
+            "Cube has nothing to build for these keys (outside the pre-aggregation's build range, or no such"
+            " pre-aggregation)",
+            extra={"tenant_id": tenant_id, "keys": [c.key.pk for c in claims]},
+        )
+        now = self.clock.now_ms()
+        for claim in claims:
+            try:
+                self.debouncer.store.record_build(claim.key, BuildRecord(claim.started_at, "nothing_to_build", now))
+            except StoreUnavailable as exc:  # only `stats` reads it
+                log.warning("build outcome not recorded", extra={"key": claim.key.pk, "error": str(exc)})
 
     def _refreshed(self, claim: Claim) -> None:
         try:
