@@ -6,16 +6,19 @@ messages are delivered from the stack's SQS queue the way the event source mappi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
-from devstack import Stack, StackError
+from devstack import Stack, StackEnv, StackError
 from devstack.cubeapi import CubeApi
 from devstack.observe import deliver_queue_messages
 from handler.adapters.dynamodb import DynamoDBDebounceStore
+from handler.domain import verify
 from handler.domain.model import RefreshKey
 from handler.domain.ports import BuildRecord
 
@@ -163,6 +166,71 @@ def test_build_failing_in_postgresql_is_retriggered_after_the_fix_and_ends_built
     assert lag >= state.build_seen_at - state.build_started_at  # measured from the mutation, not the retry
     assert cube_api.count("tenant-b").value == expected
     assert fn.posts == 2
+
+
+def dead_letters(stack_env: StackEnv, tenant: str) -> list[dict[str, Any]]:
+    """Take the tenant's build dead letters off the trailing DLQ (others are left for 1 s)."""
+    sqs = aws("sqs", stack_env)
+    found: list[dict[str, Any]] = []
+    while True:
+        answer = sqs.receive_message(
+            QueueUrl=stack_env.build_dead_letter_queue_url, MaxNumberOfMessages=10, VisibilityTimeout=1
+        )
+        messages = answer.get("Messages", [])
+        if not messages:
+            return found
+        for message in messages:
+            body = json.loads(message["Body"])
+            if body.get("tenantId") == tenant and body.get("deadLettered"):
+                found.append(body)
+                sqs.delete_message(
+                    QueueUrl=stack_env.build_dead_letter_queue_url, ReceiptHandle=message["ReceiptHandle"]
+                )
+
+
+def test_build_that_never_heals_is_dead_lettered_and_alarmed_then_a_replay_after_the_fix_gets_a_fresh_budget(
+    make_function, stack: Stack, stack_env: StackEnv, cube_api: CubeApi, rows: Rows, sabotage, monkeypatch
+) -> None:
+    # The re-trigger backoff (2 s to 120 s) compressed to 1 s each: the same 5 re-triggers, in seconds.
+    monkeypatch.setattr(verify, "RETRIGGER_DELAYS_MS", (1_000,) * verify.MAX_RETRIGGERS)
+    fn = make_function()
+    fn.reset("tenant-b", "Users")
+    dead_letters(stack_env, "tenant-b")  # left by an earlier run
+    sabotage("tenant-b", "fail", 10_000)  # every build fails in the database until the fix
+    rows.add_user("tenant-b")
+    expected = rows.source_count("tenant-b")
+    began = int(time.time() * 1000)
+
+    assert fn.handle(msk(mutation("tenant-b"))) == {"batchItemFailures": []}
+
+    def dead() -> bool:
+        state = fn.state("tenant-b", "Users")
+        return bool(state and state.build_status == "dead_lettered")
+
+    kinds = pump(fn, stack, "tenant-b", dead, began, timeout_s=150)
+    state = fn.state("tenant-b", "Users")
+    assert state is not None and state.build_failures == verify.MAX_RETRIGGERS + 1
+    assert kinds.count("retrigger") == verify.MAX_RETRIGGERS, kinds
+    assert fn.telemetry.counts["BuildsRetriggered"] == verify.MAX_RETRIGGERS
+    assert fn.telemetry.counts["BuildsDeadLettered"] == 1  # the build-failed alarm's metric
+    [letter] = dead_letters(stack_env, "tenant-b")
+    assert (letter["kind"], letter["failureClass"], letter["targets"][0]["target"]) == ("retrigger", "failure", "Users")
+    assert "permission denied for schema pre_aggregations_tenant_b" in letter["error"]
+
+    # The fix leaves one more failure to ride out; the replay (the DLQ redriven to the refresh queue)
+    # gets a fresh budget: re-trigger 1, then built. Without it the replay would be dead-lettered again.
+    sabotage("tenant-b", "fail", 1)
+    replayed = int(time.time() * 1000)
+    aws("sqs", stack_env).send_message(QueueUrl=stack_env.refresh_queue_url, MessageBody=json.dumps(letter))
+    kinds = pump(fn, stack, "tenant-b", built(fn, "tenant-b", replayed), replayed, timeout_s=60)
+
+    assert kinds[0] == "retrigger" and "verify" in kinds, kinds
+    state = fn.state("tenant-b", "Users")
+    assert state is not None and state.build_failures == 0
+    assert fn.telemetry.counts["BuildsDeadLettered"] == 1, "the replay's failure was re-triggered, not dead-lettered"
+    assert fn.telemetry.counts["BuildsRetriggered"] == verify.MAX_RETRIGGERS + 1
+    assert cube_api.count("tenant-b").value == expected
+    assert dead_letters(stack_env, "tenant-b") == []
 
 
 def test_jobs_lost_to_a_cube_restart_are_not_found_then_retriggered_and_built(
