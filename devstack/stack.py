@@ -580,15 +580,21 @@ class Stack:
         return result.stdout
 
     def _seed_once(self) -> None:
+        """Seed on the first start, and again when cube/seed.sql changed since (the marker keeps the
+        digest of the seed it was made from: a `git pull` that changes the seed must not leave the
+        old data in place)."""
         marker = self.pg_dir / "seeded"
+        digest = hashlib.sha256((self.cube_dir / "seed.sql").read_bytes()).hexdigest()
         if marker.exists():
-            return
+            if digest in marker.read_text():
+                return
+            print("devstack: cube/seed.sql changed since the data was seeded: reseeding", file=sys.stderr)
         query = f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"  # noqa: S608 - a constant
         exists = self._psql(["-A", "-t", "-c", query], "postgres")
         if not exists.strip():
             self._psql(["-q", "-c", f'CREATE DATABASE "{PG_DATABASE}"'], "postgres")
         self.reseed()
-        marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        marker.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} seed.sql sha256 {digest}\n")
 
     def _aws(self, service: str, port: int) -> Any:
         import boto3  # noqa: PLC0415 - lazily: stop/status/env need no boto3 (~0.2 s to import)

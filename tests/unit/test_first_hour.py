@@ -164,3 +164,23 @@ def test_devstack_status_and_stop_on_a_stopped_stack_exit_0_with_a_message(tmp_p
     assert "the local stack is not running; start it with `make stack-start`" in capsys.readouterr().out
     assert devstack_main.main(["stop"]) == 0
     assert "nothing was running" in capsys.readouterr().out
+
+
+def test_devstack_reseeds_when_seed_sql_changed_since_the_data_was_seeded(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cube").mkdir()
+    seed = tmp_path / "cube" / "seed.sql"
+    seed.write_text("SELECT 1;\n")
+    stack = devstack.Stack(tmp_path)
+    stack.pg_dir = tmp_path / "pg"
+    stack.pg_dir.mkdir()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(stack, "_psql", lambda args, database: ran.append(args) or "1")
+    stack._seed_once()
+    assert [a for a in ran if "-f" in a], "first start: seeded"
+    ran.clear()
+    stack._seed_once()
+    assert ran == [], "same seed: left alone"
+    seed.write_text("SELECT 2;\n")  # a `git pull` changed the seed
+    stack._seed_once()
+    assert [a for a in ran if "-f" in a], "changed seed: seeded again"
+    assert "cube/seed.sql changed since the data was seeded: reseeding" in capsys.readouterr().err
