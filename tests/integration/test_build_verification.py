@@ -57,6 +57,16 @@ def restart(stack: Stack, timeout_s: float = 20.0) -> None:
             time.sleep(0.5)
 
 
+def recorded(fn: Function, tenant: str, status: str) -> Callable[[], bool]:
+    """Whether the key's last recorded build outcome is `status`."""
+
+    def check() -> bool:
+        state = fn.state(tenant, "Users")
+        return bool(state and state.build_status == status)
+
+    return check
+
+
 def built(fn: Function, tenant: str, since: int) -> Callable[[], bool]:
     def check() -> bool:
         state = fn.state(tenant, "Users")
@@ -144,11 +154,7 @@ def test_build_failing_in_postgresql_is_retriggered_after_the_fix_and_ends_built
 
     assert fn.handle(msk(mutation("tenant-b"))) == {"batchItemFailures": []}
 
-    def failed() -> bool:
-        state = fn.state("tenant-b", "Users")
-        return bool(state and state.build_status == "failed")
-
-    pump(fn, stack, "tenant-b", failed, began)
+    pump(fn, stack, "tenant-b", recorded(fn, "tenant-b", "failed"), began)
     state = fn.state("tenant-b", "Users")
     assert state is not None
     assert (state.build_failure_class, state.build_failures) == ("failure", 1)
@@ -203,11 +209,7 @@ def test_build_that_never_heals_is_dead_lettered_and_alarmed_then_a_replay_after
 
     assert fn.handle(msk(mutation("tenant-b"))) == {"batchItemFailures": []}
 
-    def dead() -> bool:
-        state = fn.state("tenant-b", "Users")
-        return bool(state and state.build_status == "dead_lettered")
-
-    kinds = pump(fn, stack, "tenant-b", dead, began, timeout_s=150)
+    kinds = pump(fn, stack, "tenant-b", recorded(fn, "tenant-b", "dead_lettered"), began, timeout_s=150)
     state = fn.state("tenant-b", "Users")
     assert state is not None and state.build_failures == verify.MAX_RETRIGGERS + 1
     assert kinds.count("retrigger") == verify.MAX_RETRIGGERS, kinds

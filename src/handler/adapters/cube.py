@@ -25,7 +25,7 @@ from handler.domain.ports import CubeAnswer, JobStatus
 TOKEN_TTL_S = 300
 # Cube's 400 for a selector that matches no pre-aggregation. For a selector with a `dateRange` it is
 # also the answer when the range holds none of the pre-aggregation's partitions (outside its build
-# range), observed on Cube 1.3: nothing to build, which `trigger` answers as an empty job list.
+# range), observed on Cube 1.7.43: nothing to build, which `trigger` answers as an empty job list.
 NO_MATCH = "doesn't match any of the pre-aggregations"
 _Answer = TypeVar("_Answer")
 _MAX_ERROR_TEXT = 300

@@ -411,6 +411,7 @@ class RefreshService:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
             detail = ("trailing" if claim.trailing else "leading") + ("" if tokens[claim.key] else ", nothing to build")
             outcome.keys.append(KeyOutcome(claim.key, "refreshed", detail, tuple(tokens[claim.key])))
+        self._nothing_to_build(tenant_id, [c for c in refreshed if not tokens[c.key]])
         if refreshed:
             log.info(
                 "refresh queued",
@@ -440,7 +441,6 @@ class RefreshService:
         """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
         be scheduled, the claims are released and the records redelivered, so no accepted refresh
         goes unverified). Keys Cube answered with no job are not verified: see _nothing_to_build."""
-        self._nothing_to_build(tenant_id, [c for c, tokens in accepted if not tokens])
         if self.verifier is None:
             return True
         targets = [
