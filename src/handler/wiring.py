@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from handler.domain.admission import Admission
 from handler.domain.debounce import Debouncer
 from handler.domain.ports import Telemetry
 from handler.domain.service import RefreshService
@@ -73,8 +74,12 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         retries=settings.retry_attempts,
         http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
-    debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms)
-    verifier = BuildVerifier(store, cube, build_queue, telemetry, clock, settings.build_timeout_ms)
+    windows = settings.windows
+    admission = Admission(store, clock, telemetry, settings.effective_build_budget)
+    debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms, windows=windows)
+    verifier = BuildVerifier(
+        store, cube, build_queue, telemetry, clock, settings.build_timeout_ms, admission=admission, windows=windows
+    )
     return RefreshService(
         settings.entity_cube_map,
         debouncer,
@@ -85,4 +90,5 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         map_io=ThreadMap(IO_THREADS),
         verifier=verifier,
         max_selectors=settings.max_selectors,
+        admission=admission,
     )

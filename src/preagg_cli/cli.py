@@ -295,6 +295,8 @@ def print_refresh(result: Mapping[str, Any], out: TextIO) -> None:
         elif status == "debounced":
             line = f"debounced: refreshed within the window; {detail or 'trailing refresh pending'}"
             line += " (use --force to refresh now)"
+        elif status == "deferred":
+            line = f"deferred: {detail}; it refreshes when Cube's build budget frees (use --force to refresh now)"
         else:
             line = f"{status}: {detail}\n      what to check: {_hint_for(detail)}"
         print(f"  {key['target']:<32} {line}", file=out)

@@ -8,10 +8,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
+from handler.domain.admission import LEASE_MS, NO_LEASE, Admission, Decision, Lease, Request, defer_delay_ms
+from handler.domain.debounce import Claim, Debounced, Debouncer, NothingToDo, Rescheduled
 from handler.domain.errors import CubeError, CubeNotSent, OutOfTime, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
-from handler.domain.ports import BuildRecord, Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
+from handler.domain.ports import (
+    BuildRecord,
+    Clock,
+    CubeAnswer,
+    CubeJobs,
+    Telemetry,
+    TrailingMessage,
+    Waiter,
+    Waiting,
+)
 from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
 from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
 
@@ -82,7 +92,7 @@ class _Group:
 @dataclass(frozen=True, slots=True)
 class KeyOutcome:
     key: RefreshKey
-    status: str  # refreshed | debounced | failed | rescheduled | skipped
+    status: str  # refreshed | debounced | deferred | failed | rescheduled | skipped
     detail: str = ""
     job_tokens: tuple[str, ...] = ()
 
@@ -110,9 +120,12 @@ class RefreshService:
         verifier: BuildVerifier | None = None,
         *,
         max_selectors: int = DEFAULT_MAX_SELECTORS,
+        admission: Admission | None = None,
     ) -> None:
         self._map = map_io
         self.max_selectors = max_selectors
+        # None (or a budget of 0): no admission control, every claim posts.
+        self.admission = admission
         # None: refreshes are not verified (tests and the model check of the debounce alone).
         self.verifier = verifier
         self.routes = routes
@@ -231,7 +244,9 @@ class RefreshService:
         outcome.keys.append(KeyOutcome(decision.key, "debounced", detail))
 
     # -- trailing refreshes ------------------------------------------------------------------
-    def process_trailing(self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int) -> Outcome:
+    def process_trailing(
+        self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int, wake: bool = True
+    ) -> Outcome:
         outcome = Outcome()
         budget = Budget.split(self.clock.now_ms(), deadline_ms)
         claims: dict[str, list[Claim]] = defaultdict(list)
@@ -252,11 +267,11 @@ class RefreshService:
             elif isinstance(result, Rescheduled):
                 outcome.keys.append(KeyOutcome(result.key, "rescheduled", f"due at {result.due_at}"))
             else:
-                outcome.keys.append(KeyOutcome(result.key, "skipped", result.reason))
+                self._skipped(result, outcome)
         fired = sum(len(c) for c in claims.values())
         if fired:
             self.telemetry.count("TrailingFired", fired)
-        ok_keys = self._refresh_all(claims, budget, outcome)
+        ok_keys = self._refresh_all(claims, budget, outcome, wake=wake)
         for tenant_claims in claims.values():
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
@@ -264,6 +279,11 @@ class RefreshService:
                         if not self._retry_later(message, outcome.errors.get(claim.key)):
                             outcome.failed.add(ref)
         return outcome
+
+    def _skipped(self, result: NothingToDo, outcome: Outcome) -> None:
+        if result.rode_along:
+            self.telemetry.count("RideAlongs")
+        outcome.keys.append(KeyOutcome(result.key, "skipped", result.reason))
 
     def _retry_later(self, message: TrailingMessage, error: CubeError | None) -> bool:
         """Cube failed a trailing refresh: come back after a short backoff instead of waiting out the
@@ -288,8 +308,58 @@ class RefreshService:
             log.error("verify messages received but verification is not wired: reported for redelivery")
             outcome.failed.update(ref for ref, _ in items)
             return outcome
-        outcome.failed |= self.verifier.process(items, deadline_ms=deadline_ms)
+        settled = self.verifier.settle(items, deadline_ms=deadline_ms)
+        outcome.failed |= settled.failed
+        self._wake_after(settled.keys, settled.freed_slots, deadline_ms, outcome)
         return outcome
+
+    # -- waking what waits on a settled build or on budget (docs/load-aware.md) --------------
+    def _wake_after(self, keys: Sequence[RefreshKey], freed_slots: int, deadline_ms: int, outcome: Outcome) -> None:
+        """Builds were settled: fire now the trailing refreshes their gate held back, and the oldest
+        keys waiting for the budget they freed. Best effort: each of them has its own message in
+        flight anyway (a wake only saves it the wait)."""
+        now = self.clock.now_ms()
+        messages: list[TrailingMessage] = []
+        for key in dict.fromkeys(keys):
+            try:
+                state = self.debouncer.store.get(key)
+            except StoreUnavailable:
+                continue
+            if (
+                state is not None
+                and state.trailing_token is not None
+                and state.trailing_state == "scheduled"
+                and not state.gated(now)
+                and state.window_end(self.debouncer.windows.base(key)) <= now
+            ):
+                messages.append(
+                    TrailingMessage(key.tenant_id, key.target, state.trailing_token, now, partition=key.partition)
+                )
+        if self.admission is not None and freed_slots:
+            try:
+                waiters = self.admission.waiters(freed_slots)
+            except StoreUnavailable:
+                waiters = []
+            messages += self._wake_messages(waiters, now)
+        self._wake(messages, deadline_ms, outcome)
+
+    @staticmethod
+    def _wake_messages(waiters: Sequence[Waiter], now: int) -> list[TrailingMessage]:
+        return [
+            TrailingMessage(w.key.tenant_id, w.key.target, w.trailing_token, now, partition=w.key.partition)
+            for w in waiters
+            if w.trailing_token is not None
+        ]
+
+    def _wake(self, messages: Sequence[TrailingMessage], deadline_ms: int, outcome: Outcome) -> None:
+        unique = list({(m.key, m.token): m for m in messages}.values())
+        if not unique:
+            return
+        self.telemetry.count("Wakes", len(unique))
+        woken = self.process_trailing(
+            [(RecordRef("wake", i), m) for i, m in enumerate(unique)], deadline_ms=deadline_ms, wake=False
+        )
+        outcome.keys += woken.keys  # their failures are not ours to report: their own messages stay
 
     def process_retrigger(self, messages: Iterable[tuple[RecordRef, RetriggerMessage]], *, deadline_ms: int) -> Outcome:
         """Re-trigger keys whose build failed, through the debounce protocol: each key is decided as
@@ -336,11 +406,85 @@ class RefreshService:
         self._refresh_all({tenant_id: claims} if claims else {}, budget, outcome)
         return outcome
 
-    # -- the one place Cube is called --------------------------------------------------------
-    def _refresh_all(self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome) -> set[RefreshKey]:
-        """One Cube request per tenant (spread by the mapper), then the bookkeeping in order, then
-        the releases of what Cube did not take (spread too: there may be thousands)."""
+    # -- admission (handler.domain.admission) -----------------------------------------------
+    def _admit(
+        self, claims: dict[str, list[Claim]], outcome: Outcome
+    ) -> tuple[dict[str, list[Claim]], dict[RefreshKey, Lease], set[RefreshKey], list[Claim], list[Waiter]]:
+        """Leases of build budget for the claims that fit; the others are deferred (given back, their
+        trailing refresh re-sent for later, the key registered as waiting). Returns the admitted claims
+        by tenant, their leases, the keys deferred (their records are acknowledged: a message carries
+        them), the claims whose deferral failed (released and reported like a failed refresh), and
+        the waiters to wake."""
+        everything = [c for tenant in sorted(claims) for c in claims[tenant]]
+        asking = [c for c in everything if not c.force]
+        if self.admission is None or not self.admission.enabled or not asking:
+            return claims, {}, set(), [], []
+        try:
+            decision = self.admission.admit([Request(c.key, c.oldest, c.expected_jobs) for c in asking])
+        except StoreUnavailable as exc:
+            log.warning("build budget unreadable: claims deferred", extra={"error": str(exc)})
+            decision = Decision(deferred=[c.key for c in asking])
+        deferred_keys = set(decision.deferred)
+        admitted: dict[str, list[Claim]] = defaultdict(list)
+        deferred: set[RefreshKey] = set()
+        unsettled: list[Claim] = []
+        for claim in everything:
+            if claim.key not in deferred_keys:
+                admitted[claim.key.tenant_id].append(claim)
+            elif self._defer(claim, outcome):
+                deferred.add(claim.key)
+            else:
+                unsettled.append(claim)
+        return dict(admitted), decision.leases, deferred, unsettled, decision.wake
 
+    def _defer(self, claim: Claim, outcome: Outcome) -> bool:
+        now = self.clock.now_ms()
+        age = max(0, now - claim.oldest)
+        due = now + defer_delay_ms(age)
+        windows = self.debouncer.windows
+        waiting = Waiting(claim.oldest, due + defer_delay_ms(age) + 60_000, windows.widened(claim.key, claim.window_ms))
+        try:
+            self.debouncer.defer(claim, due_at=due, waiting=waiting)
+        except (StoreUnavailable, SchedulerUnavailable) as exc:
+            log.warning("deferral failed", extra={"key": claim.key.pk, "error": str(exc)})
+            outcome.keys.append(KeyOutcome(claim.key, "failed", f"deferral failed: {exc}"))
+            return False
+        self.telemetry.count("KeysDeferred")
+        self.telemetry.timing("BacklogAge", age)
+        outcome.keys.append(KeyOutcome(claim.key, "deferred", f"over the build budget: back at {due}"))
+        return True
+
+    def _free(self, leases: dict[RefreshKey, Lease], keys: Iterable[RefreshKey]) -> None:
+        if self.admission is None:
+            return
+        for key in keys:
+            lease = leases.pop(key, NO_LEASE)
+            if lease.slots:
+                try:
+                    self.admission.free(lease)
+                except StoreUnavailable as exc:  # its lease lapses on its own
+                    log.warning("build budget not freed", extra={"key": key.pk, "error": str(exc)})
+
+    # -- the one place Cube is called --------------------------------------------------------
+    def _refresh_all(
+        self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome, *, wake: bool = True
+    ) -> set[RefreshKey]:
+        """Admission first (handler.domain.admission), then one Cube request per tenant (spread by
+        the mapper), then the bookkeeping in order, then the releases of what Cube did not take
+        (spread too: there may be thousands). Returns the keys whose records are settled: refreshed,
+        or deferred with their trailing refresh in flight."""
+        claims, leases, deferred, unsettled, waiters = self._admit(claims, outcome)
+        ok = self._post_all(claims, leases, budget, outcome)
+        released = self._map(self._release, unsettled)
+        if any(released):
+            self.telemetry.count("ClaimsReleased", sum(released))
+        if wake and waiters:
+            self._wake(self._wake_messages(waiters, self.clock.now_ms()), budget.deadline, outcome)
+        return ok | deferred
+
+    def _post_all(
+        self, claims: dict[str, list[Claim]], leases: dict[RefreshKey, Lease], budget: Budget, outcome: Outcome
+    ) -> set[RefreshKey]:
         def call(tenant_id: str) -> tuple[list[Selector], list[CubeAnswer], int]:
             selectors = build_selectors(
                 [c.key for c in claims[tenant_id]], tenant_id, self.timezones, max_selectors=self.max_selectors
@@ -357,12 +501,14 @@ class RefreshService:
         unsent = 0
         for tenant_id, (selectors, answers, latency) in zip(tenants, self._map(call, tenants), strict=True):
             unsent += sum(1 for a in answers if isinstance(a, CubeNotSent))
-            ok |= self._settle(tenant_id, claims[tenant_id], selectors, answers, latency, outcome)
+            ok |= self._settle(tenant_id, claims[tenant_id], selectors, answers, latency, outcome, leases)
         if unsent:
             log.warning("deadline near: Cube requests not sent, claims released", extra={"selectors_not_sent": unsent})
-        released = self._map(self._release, [c for tenant in tenants for c in claims[tenant] if c.key not in ok])
+        failed = [c for tenant in tenants for c in claims[tenant] if c.key not in ok]
+        released = self._map(self._release, failed)
         if any(released):
             self.telemetry.count("ClaimsReleased", sum(released))
+        self._free(leases, [c.key for c in failed])
         return ok
 
     def _settle(  # noqa: PLR0917
@@ -373,6 +519,7 @@ class RefreshService:
         answers: list[CubeAnswer],
         latency: int,
         outcome: Outcome,
+        leases: dict[RefreshKey, Lease],
     ) -> set[RefreshKey]:
         """Per key: refreshed when every selector covering it was accepted (with those selectors'
         job tokens); otherwise its claim is released and the error kept for the caller."""
@@ -392,7 +539,7 @@ class RefreshService:
         if len(errors) < len(claims):
             self.telemetry.timing("CubeLatency", latency)
         accepted = [(c, tuple(tokens[c.key])) for c in claims if c.key not in errors]
-        unverified = not self._verify_later(tenant_id, accepted)
+        unverified = not self._verify_later(tenant_id, accepted, leases)
         refreshed: list[Claim] = []
         for claim in claims:
             error = errors.get(claim.key)
@@ -406,12 +553,16 @@ class RefreshService:
             refreshed.append(claim)
             self._refreshed(claim)
             self.telemetry.count("RefreshesTriggered")
+            if claim.window_ms is not None:
+                self.telemetry.timing("EffectiveWindow", claim.window_ms)
             self.telemetry.count("RefreshesByCube", dimension=("Cube", claim.key.cube))
             if claim.oldest_event_ms is not None:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
             detail = ("trailing" if claim.trailing else "leading") + ("" if tokens[claim.key] else ", nothing to build")
             outcome.keys.append(KeyOutcome(claim.key, "refreshed", detail, tuple(tokens[claim.key])))
-        self._nothing_to_build(tenant_id, [c for c in refreshed if not tokens[c.key]])
+        nothing = [c for c in refreshed if not tokens[c.key]]
+        self._nothing_to_build(tenant_id, nothing)
+        self._free(leases, [c.key for c in nothing])  # no build in Cube: no budget held
         if refreshed:
             log.info(
                 "refresh queued",
@@ -437,16 +588,18 @@ class RefreshService:
             },
         )
 
-    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> bool:
+    def _verify_later(
+        self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]], leases: dict[RefreshKey, Lease]
+    ) -> bool:
         """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
         be scheduled, the claims are released and the records redelivered, so no accepted refresh
-        goes unverified). Keys Cube answered with no job are not verified: see _nothing_to_build."""
+        goes unverified). Keys Cube answered with no job are not verified: see _nothing_to_build.
+        The verify message carries each key's build budget lease; recording the jobs raises the key's
+        in-flight gate, which the verification lowers when the build is settled."""
         if self.verifier is None:
             return True
         targets = [
-            BuildTarget(
-                c.key, tokens, c.started_at, c.oldest_event_ms if c.oldest_event_ms is not None else c.started_at
-            )
+            BuildTarget(c.key, tokens, c.started_at, c.oldest, leases.get(c.key, NO_LEASE))
             for c, tokens in accepted
             if tokens
         ]
@@ -455,10 +608,13 @@ class RefreshService:
         except SchedulerUnavailable as exc:
             log.error("build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)})
             return False
+        inflight_until = self.clock.now_ms() + LEASE_MS
         for target in targets:
             try:
-                self.debouncer.store.record_jobs(target.key, started_at=target.started_at, tokens=target.tokens)
-            except StoreUnavailable as exc:  # only `preagg-refresh jobs` reads them
+                self.debouncer.store.record_jobs(
+                    target.key, started_at=target.started_at, tokens=target.tokens, inflight_until=inflight_until
+                )
+            except StoreUnavailable as exc:  # `jobs` and the gate: without it the next refresh may collide
                 log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
         return True
 

@@ -19,7 +19,16 @@ Crash and duplicate safety: messages are sent before the outcome is recorded, an
 conditional on the refresh being newer than the last one recorded (`buildStartedAt`), so a duplicate
 or redelivered verify message finds its refresh settled and does nothing, and a crash between a
 poll and its re-trigger only repeats the poll. A duplicate that raced the first one to the re-trigger
-costs at most one extra refresh, which the debounce window absorbs."""
+costs at most one extra refresh, which the debounce window absorbs.
+
+Under load (docs/load-aware.md): a build that is still `scheduled` or `processing` is alive. Each
+poll that finds it so renews the key's in-flight gate and its build-budget lease, and records, when
+every job is still `scheduled`, the poll's send time as the key's ride-along horizon. The build
+deadline counts from the first poll that finds it started (`processingAt`); a build still waiting
+`QUEUED_BOUND_MS` after its refresh started is stuck. A build that lost a race with another build of
+the same table (`failure: relation ... already exists`) is a collision: re-triggered, not counted.
+Settling a build (done or failed) drops the gate and frees the lease; the caller then wakes the key's
+waiting trailing refresh and the oldest keys waiting for budget."""
 
 from __future__ import annotations
 
@@ -27,9 +36,10 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from handler.domain.admission import LEASE_MS, NO_LEASE, Admission, Lease
 from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import RecordRef, RefreshKey, is_valid_target, is_valid_tenant
 from handler.domain.partitions import DateRange
@@ -43,6 +53,7 @@ from handler.domain.ports import (
     KeyState,
     Telemetry,
 )
+from handler.domain.window import Windows
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +62,22 @@ POLL_DELAYS_MS = (2_000, 4_000, 8_000, 16_000, 32_000, 60_000)
 # Delay before re-trigger n (1-based) of a key whose build failed; after the last, dead-letter.
 RETRIGGER_DELAYS_MS = (2_000, 10_000, 30_000, 60_000, 120_000)
 MAX_RETRIGGERS = len(RETRIGGER_DELAYS_MS)
+# Cube drops a job from its queue an hour after it was posted, waiting or running (cube-js/cube
+# RefreshScheduler.postBuildJobs: orphanedTimeout 3600 s); a build still waiting after this is stuck.
+QUEUED_BOUND_MS = 65 * 60_000
 
-FAILURE_CLASSES = ("failure", "missing_partition", "not_found", "timeout", "tenant_mismatch", "rejected")
+FAILURE_CLASSES = (
+    "failure",
+    "missing_partition",
+    "not_found",
+    "timeout",
+    "tenant_mismatch",
+    "rejected",
+    "collision",
+)
+# Cube names a rollup table with a one-second timestamp: two builds of one partition in the same second
+# collide and the loser fails with this (observed on Cube 1.7.43; docs/cube-jobs-api.md, hazard c).
+COLLISION = "already exists"
 # A job of another tenant (a bug or a token mix-up) and a 4xx on verification (token, scope) cannot
 # be fixed by building again: dead-lettered and alarmed at once, never looped.
 NOT_RETRIGGERED = frozenset({"tenant_mismatch", "rejected"})
@@ -62,6 +87,11 @@ _MAX_ERROR = 240
 
 def poll_delay_ms(poll: int) -> int:
     return POLL_DELAYS_MS[min(poll, len(POLL_DELAYS_MS) - 1)]
+
+
+def phase_delay_ms(age_ms: int) -> int:
+    """The next poll of a pending build: after its phase's age so far (doubling), 2 s to 60 s."""
+    return max(POLL_DELAYS_MS[0], min(POLL_DELAYS_MS[-1], age_ms))
 
 
 def redact(text: str) -> str:
@@ -78,13 +108,43 @@ def redact(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BuildTarget:
-    """One key of a refresh Cube accepted: its job tokens, when the refresh started, and the oldest
-    mutation it covers."""
+    """One key of a refresh Cube accepted: its job tokens, when the refresh started, the oldest
+    mutation it covers, the build budget it holds, and what the polls saw so far: the last poll that
+    found every job still `scheduled` (`scheduled_at`), the first that found the build started
+    (`processing_at`)."""
 
     key: RefreshKey
     tokens: tuple[str, ...]
     started_at: int
     oldest_ms: int
+    lease: Lease = NO_LEASE
+    scheduled_at: int | None = None
+    processing_at: int | None = None
+
+    def deadline(self, *, build_timeout_ms: int, queued_bound_ms: int) -> int:
+        """When a still pending build counts as stuck: the build timeout after it started, or the
+        queue bound after its refresh started while it has not."""
+        if self.processing_at is not None:
+            return self.processing_at + build_timeout_ms
+        return self.started_at + queued_bound_ms
+
+    def as_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "target": self.key.target,
+            "tokens": list(self.tokens),
+            "startedAt": self.started_at,
+            "oldestAt": self.oldest_ms,
+        }
+        if self.key.partition:
+            body["partition"] = self.key.partition
+        if self.lease.slots:
+            body["lease"] = self.lease.token
+            body["slots"] = list(self.lease.slots)
+        if self.scheduled_at is not None:
+            body["scheduledAt"] = self.scheduled_at
+        if self.processing_at is not None:
+            body["processingAt"] = self.processing_at
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +160,7 @@ class VerifyMessage:
             "tenantId": self.tenant_id,
             "deadlineAt": self.deadline_at,
             "poll": self.poll,
-            "targets": [
-                {"target": t.key.target, "tokens": list(t.tokens), "startedAt": t.started_at, "oldestAt": t.oldest_ms}
-                | ({"partition": t.key.partition} if t.key.partition else {})
-                for t in self.targets
-            ],
+            "targets": [t.as_body() for t in self.targets],
         }
 
 
@@ -201,9 +257,28 @@ def parse_verify(data: Mapping[str, Any]) -> VerifyMessage:
                 tuple(tokens),
                 _int(item, "startedAt", "verify"),
                 _int(item, "oldestAt", "verify"),
+                _lease(item),
+                _int(item, "scheduledAt", "verify") if "scheduledAt" in item else None,
+                _int(item, "processingAt", "verify") if "processingAt" in item else None,
             )
         )
     return VerifyMessage(tenant, _int(data, "deadlineAt", "verify"), tuple(targets), _int(data, "poll", "verify"))
+
+
+def _lease(item: Mapping[str, Any]) -> Lease:
+    """The build budget a target holds: a lease token and its slot numbers, or none."""
+    if "lease" not in item and "slots" not in item:
+        return NO_LEASE
+    token, slots = item.get("lease"), item.get("slots")
+    if (
+        not isinstance(token, str)
+        or not _TOKEN_RE.match(token)
+        or not isinstance(slots, list)
+        or not slots
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1_000 for i in slots)
+    ):
+        raise ValueError("verify message has an invalid lease")
+    return Lease(token, tuple(slots))
 
 
 def parse_retrigger(data: Mapping[str, Any]) -> RetriggerMessage:
@@ -246,9 +321,12 @@ def classify(
     foreign = [j for j in statuses if j.status != "not_found" and j.tenant_ids != (tenant_id,)]
     if foreign:
         return Verdict(target, "failed", "tenant_mismatch", "a job's security context names another tenant")
-    for job in statuses:
-        if job.status.startswith("failure") or job.status == "pre_agg_not_found":
+    failures = [j for j in statuses if j.status.startswith("failure") or j.status == "pre_agg_not_found"]
+    for job in failures:
+        if COLLISION not in job.status:
             return Verdict(target, "failed", "failure", redact(job.status))
+    if failures:
+        return Verdict(target, "failed", "collision", redact(failures[0].status))
     for cls in ("missing_partition", "not_found"):
         if any(j.status == cls for j in statuses):
             return Verdict(target, "failed", cls, cls)
@@ -274,6 +352,17 @@ def _previous_failures(state: KeyState | None, started_at: int) -> int:
     return state.build_failures
 
 
+@dataclass(slots=True)
+class Settled:
+    """What a batch of verify messages settled: the refs to redeliver, the keys whose build ended
+    (done or failed: the gate is down, their waiting trailing refresh can go), and how many budget
+    slots were freed (as many waiting keys can go)."""
+
+    failed: set[RecordRef] = field(default_factory=set)
+    keys: list[RefreshKey] = field(default_factory=list)
+    freed_slots: int = 0
+
+
 class BuildVerifier:
     """Schedules verifications of accepted refreshes and settles them when they come due."""
 
@@ -285,6 +374,11 @@ class BuildVerifier:
         telemetry: Telemetry,
         clock: Clock,
         build_timeout_ms: int,
+        *,
+        admission: Admission | None = None,
+        windows: Windows | None = None,
+        queued_bound_ms: int = QUEUED_BOUND_MS,
+        lease_ms: int = LEASE_MS,
     ) -> None:
         self.store = store
         self.cube = cube
@@ -292,37 +386,51 @@ class BuildVerifier:
         self.telemetry = telemetry
         self.clock = clock
         self.build_timeout_ms = build_timeout_ms
+        self.admission = admission  # None: no build budget (its leases are never taken)
+        self.windows = windows  # None: a fixed window (nothing to adapt)
+        self.queued_bound_ms = queued_bound_ms
+        self.lease_ms = lease_ms
+
+    def _deadline(self, target: BuildTarget) -> int:
+        return target.deadline(build_timeout_ms=self.build_timeout_ms, queued_bound_ms=self.queued_bound_ms)
 
     def schedule(self, tenant_id: str, targets: Sequence[BuildTarget]) -> None:
         """One verify message for the keys of one accepted tenant request. Raises SchedulerUnavailable."""
         if not targets:
             return
         now = self.clock.now_ms()
-        deadline = min(t.started_at for t in targets) + self.build_timeout_ms
+        # The chain's hard end: no build can be pending longer than queued, then built.
+        deadline = min(t.started_at for t in targets) + self.queued_bound_ms + self.build_timeout_ms
         self.queue.send(VerifyMessage(tenant_id, deadline, tuple(targets)), due_at=now + poll_delay_ms(0), now=now)
 
     def process(self, messages: Iterable[tuple[RecordRef, VerifyMessage]], *, deadline_ms: int) -> set[RecordRef]:
         """Settle due verify messages; one Cube request per tenant. Returns the refs to redeliver."""
+        return self.settle(messages, deadline_ms=deadline_ms).failed
+
+    def settle(self, messages: Iterable[tuple[RecordRef, VerifyMessage]], *, deadline_ms: int) -> Settled:
         by_tenant: dict[str, list[tuple[RecordRef, VerifyMessage]]] = defaultdict(list)
         for ref, message in messages:
             by_tenant[message.tenant_id].append((ref, message))
-        failed: set[RecordRef] = set()
+        settled = Settled()
         for tenant_id, items in sorted(by_tenant.items()):
             tokens = sorted({tok for _, m in items for t in m.targets for tok in t.tokens})
             answer: Mapping[str, JobStatus] | CubeError
+            sent = self.clock.now_ms()  # before the request: what Cube answers holds at or after this
             try:
                 answer = self.cube.job_statuses(tenant_id, tokens, deadline_ms=deadline_ms)
             except CubeError as exc:
                 answer = exc
             for ref, message in items:
                 try:
-                    self._settle(message, answer)
+                    self._settle(message, answer, sent, settled)
                 except (StoreUnavailable, SchedulerUnavailable) as exc:
                     log.warning("build verification failed", extra={"tenant_id": tenant_id, "error": str(exc)})
-                    failed.add(ref)
-        return failed
+                    settled.failed.add(ref)
+        return settled
 
-    def _settle(self, message: VerifyMessage, answer: Mapping[str, JobStatus] | CubeError) -> None:
+    def _settle(
+        self, message: VerifyMessage, answer: Mapping[str, JobStatus] | CubeError, sent: int, settled: Settled
+    ) -> None:
         now = self.clock.now_ms()
         if isinstance(answer, CubeError):
             self.telemetry.count("CubeErrors")
@@ -331,32 +439,78 @@ class BuildVerifier:
                 "build verification: Cube answered with an error",
                 extra={"tenant_id": message.tenant_id, "error_class": answer.error_class, "error": str(answer)},
             )
-            if answer.retryable and now < message.deadline_at:
-                self._poll_again(message, list(message.targets), now)
+            alive = [t for t in message.targets if now < min(self._deadline(t), message.deadline_at)]
+            if answer.retryable and alive:
+                for target in alive:  # unknown state: keep the build's gate and budget while we ask again
+                    self._renew(target, now, scheduled_at=None)
+                self._poll_again(message, alive, now)
                 return
             cls = "rejected" if not answer.retryable else "timeout"
             verdicts = [Verdict(t, "failed", cls, redact(str(answer))) for t in message.targets]
         else:
-            verdicts = [
-                classify(t, answer, message.tenant_id, now=now, deadline_at=message.deadline_at)
-                for t in message.targets
-            ]
+            verdicts = [self._classify(t, answer, message, now, sent) for t in message.targets]
         pending = [v.target for v in verdicts if v.state == "pending"]
         if pending:
+            for target in pending:
+                self._renew(target, now, scheduled_at=target.scheduled_at if target.scheduled_at == sent else None)
             self._poll_again(message, pending, now)
         self._fail([v for v in verdicts if v.state == "failed"], message.tenant_id, now)
         for verdict in verdicts:
             if verdict.state == "done":
                 self._done(verdict.target, now)
+        for verdict in verdicts:
+            if verdict.state != "pending":
+                self._release(verdict.target, settled)
+
+    def _classify(
+        self, target: BuildTarget, jobs: Mapping[str, JobStatus], message: VerifyMessage, now: int, sent: int
+    ) -> Verdict:
+        """Classify, after noting what this poll (sent at `sent`) saw of the build's progress: every
+        job still `scheduled` (the ride-along horizon moves to `sent`), or started (`processing_at`)."""
+        statuses = [jobs.get(token) for token in target.tokens]
+        if all(j is not None and j.status == "scheduled" for j in statuses):
+            target = replace(target, scheduled_at=sent)
+        elif target.processing_at is None:
+            target = replace(target, processing_at=now)
+        deadline = min(self._deadline(target), message.deadline_at)
+        return classify(target, jobs, message.tenant_id, now=now, deadline_at=deadline)
+
+    def _renew(self, target: BuildTarget, now: int, *, scheduled_at: int | None) -> None:
+        """The build is alive: keep its gate and budget, raise its ride-along horizon, measure the wait."""
+        until = now + self.lease_ms
+        self.store.observe_pending(
+            target.key, started_at=target.started_at, inflight_until=until, scheduled_at=scheduled_at
+        )
+        if self.admission is not None and target.lease.slots:
+            self.admission.renew(target.lease)
+        if target.processing_at is None:
+            self.telemetry.timing("QueuedBuildAge", max(0, now - target.started_at))
+        self.telemetry.timing("BacklogAge", max(0, now - target.oldest_ms))
+
+    def _release(self, target: BuildTarget, settled: Settled) -> None:
+        """The build is settled (after its re-trigger and its record): drop the gate, free the budget.
+        Both conditional, so a duplicate or a crash repaired by a redelivery changes nothing else."""
+        self.store.clear_inflight(target.key, started_at=target.started_at)
+        settled.keys.append(target.key)
+        if self.admission is not None and target.lease.slots:
+            settled.freed_slots += self.admission.free(target.lease)
 
     def _poll_again(self, message: VerifyMessage, targets: list[BuildTarget], now: int) -> None:
         later = replace(message, targets=tuple(targets), poll=message.poll + 1)
-        due = min(now + poll_delay_ms(later.poll), max(now, message.deadline_at))
+        delay = min(phase_delay_ms(now - (t.processing_at or t.started_at)) for t in targets)
+        due = min(now + delay, max(now, min(*(self._deadline(t) for t in targets), message.deadline_at)))
         self.queue.send(later, due_at=due, now=now)
+
+    def _next_window(self, target: BuildTarget, state: KeyState | None) -> int | None:
+        if self.windows is None:
+            return None
+        waited = (target.scheduled_at - target.started_at) if target.scheduled_at is not None else 0
+        return self.windows.after_build(target.key, state.window_ms if state else None, queue_wait_ms=waited)
 
     def _done(self, target: BuildTarget, now: int) -> None:
         lag = max(0, now - target.oldest_ms)
-        record = BuildRecord(target.started_at, "done", now, freshness_lag_ms=lag, failures=0)
+        window = self._next_window(target, self.store.get(target.key) if self.windows is not None else None)
+        record = BuildRecord(target.started_at, "done", now, freshness_lag_ms=lag, failures=0, window_ms=window)
         if not self.store.record_build(target.key, record):
             return  # a duplicate, or a newer refresh already settled: it was measured then
         self.telemetry.count("BuildsSucceeded")
@@ -368,7 +522,11 @@ class BuildVerifier:
         )
 
     def _fail(self, verdicts: list[Verdict], tenant_id: str, now: int) -> None:
-        """Send the re-triggers and dead letters first, then record the outcomes (conditionally)."""
+        """Send the re-triggers and dead letters first, then record the outcomes (conditionally).
+        A failed build is re-triggered even when a newer refresh of the key has started: mutations
+        may ride along with the failed build (docs/load-aware.md), and the re-trigger goes through the
+        debounce protocol, which joins or waits for whatever is in flight. A collision with another
+        build of the same table is re-triggered without counting as a failure."""
         plans: list[tuple[Verdict, BuildRecord]] = []
         retrigger: dict[int, list[Verdict]] = defaultdict(list)
         dead: list[tuple[Verdict, int]] = []
@@ -377,14 +535,16 @@ class BuildVerifier:
             state = self.store.get(target.key)
             if state is not None and state.build_started_at is not None and state.build_started_at >= target.started_at:
                 continue  # settled already (a duplicate message, or a newer refresh): nothing to do
-            failures = _previous_failures(state, target.started_at) + 1
-            superseded = state is not None and state.started_at is not None and state.started_at > target.started_at
+            previous = _previous_failures(state, target.started_at)
+            collided = verdict.failure_class == "collision"
+            failures = previous if collided else previous + 1
             due = None
-            if failures > MAX_RETRIGGERS or verdict.failure_class in NOT_RETRIGGERED:
+            if not collided and (failures > MAX_RETRIGGERS or verdict.failure_class in NOT_RETRIGGERED):
                 dead.append((verdict, failures))
-            elif not superseded:  # a newer refresh covers what this one covered, and is verified itself
-                due = now + RETRIGGER_DELAYS_MS[failures - 1]
-                retrigger[failures].append(verdict)
+            else:
+                attempt = max(1, min(failures, MAX_RETRIGGERS))
+                due = now + RETRIGGER_DELAYS_MS[attempt - 1]
+                retrigger[attempt].append(verdict)
             status = "dead_lettered" if dead and dead[-1][0] is verdict else "failed"
             plans.append(
                 (
@@ -421,7 +581,10 @@ class BuildVerifier:
         for verdict, record in plans:
             if not self.store.record_build(verdict.target.key, record):
                 continue
-            self.telemetry.count("BuildsFailed", dimension=("FailureClass", verdict.failure_class))
+            if verdict.failure_class == "collision":
+                self.telemetry.count("BuildCollisions")
+            else:
+                self.telemetry.count("BuildsFailed", dimension=("FailureClass", verdict.failure_class))
             if record.retrigger_due_at is not None:
                 self.telemetry.count("BuildsRetriggered")
             log_extra = {
