@@ -340,3 +340,30 @@ def test_window_requeued_trailing_refresh_is_marked_dirty_so_it_is_not_dropped_a
     st = state(rig, key)
     assert ok and st.trailing_state == "scheduled" and (st.dirty_at or 0) >= (st.started_at or 0)
     assert st.waiting_since == T0
+
+
+# --------------------------------------------------------------------------- copies do not multiply
+
+
+def test_copies_a_duplicated_verify_message_of_a_waiting_build_sends_its_next_poll_once():
+    rig = gated_rig()
+    [(_, message)] = rig.build_queue.messages
+    rig.build_queue.messages.clear()
+    rig.clock.advance(2_000)
+    for _ in range(3):  # SQS delivers the same message three times
+        rig.service.process_verify([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)  # type: ignore[list-item]
+    assert len(rig.build_queue.messages) == 1
+
+
+def test_copies_an_older_copy_of_a_re_sent_trailing_message_stops():
+    rig = gated_rig()
+    rig.clock.advance(W + 1)
+    mutate(rig)
+    [message] = rig.scheduler.messages
+    rig.scheduler.messages.clear()
+    rig.clock.now = message.due_at  # delivered when due; the build still waits: put off again
+    first = rig.service.process_trailing([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)
+    assert [k.status for k in first.keys] == ["rescheduled"] and len(rig.scheduler.messages) == 1
+    again = rig.service.process_trailing([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)  # a duplicate
+    assert [k.detail for k in again.keys] == ["superseded by a later copy of this trailing refresh"]
+    assert len(rig.scheduler.messages) == 1

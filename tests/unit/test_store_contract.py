@@ -369,3 +369,26 @@ def test_store_budget_slots_are_taken_once_renewed_freed_and_lapse(store):
     assert store.free_slot("global", 0, lease="L3")
     assert store.budget_slots("global", 1)[0].free(T0)
     assert store.scan() == [], "budget slots are not refresh keys"
+
+
+def test_store_a_re_sent_trailing_message_makes_older_copies_unable_to_claim(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert not store.reschedule_trailing(KEY, trailing_token="t1", due_at=T0 + W)  # only later
+    assert not store.reschedule_trailing(KEY, trailing_token="other", due_at=T0 + 2 * W)
+    assert store.reschedule_trailing(KEY, trailing_token="t1", due_at=T0 + 2 * W)
+    assert store.get(KEY).trailing_due_at == T0 + 2 * W
+    old = claim(store, T0 + 2 * W, token="c2", trailing_token="t1", trailing_due_at=T0 + W)
+    assert not old.ok
+    assert claim(store, T0 + 2 * W, token="c3", trailing_token="t1", trailing_due_at=T0 + 2 * W).ok
+
+
+def test_store_polls_record_their_sequence_and_a_new_refresh_starts_it_again(store):
+    claim(store, T0)
+    store.record_jobs(KEY, started_at=T0, tokens=["a"], inflight_until=T0 + 100)
+    assert store.observe_pending(KEY, started_at=T0, inflight_until=T0 + 200, scheduled_at=None, poll_seq=3)
+    assert store.get(KEY).poll_seq == 3
+    store.record_jobs(KEY, started_at=T0 + 1, tokens=["b"], inflight_until=T0 + 300)
+    assert store.get(KEY).poll_seq is None

@@ -36,6 +36,7 @@ _FIELDS = {
     "windowEndsAt": "window_ends_at",
     "inflightUntil": "inflight_until",
     "queuedSeenAt": "queued_seen_at",
+    "pollSeq": "poll_seq",
     "waitingSince": "waiting_since",
     "waitingUntil": "waiting_until",
 }
@@ -124,6 +125,7 @@ class DynamoDBDebounceStore:
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
         values = {
             ":now": _n(now),
@@ -152,8 +154,12 @@ class DynamoDBDebounceStore:
         else:
             update += ", trailingToken = :tt, trailingState = :running"
             values.update({":tt": _s(trailing_token), ":running": _s("running"), ":cutoff": _n(now - window_ms)})
+            current = ""
+            if trailing_due_at is not None:  # a copy of a message re-sent later is not current
+                current = "(attribute_not_exists(trailingDueAt) OR trailingDueAt <= :tdue) AND "
+                values[":tdue"] = _n(trailing_due_at)
             condition = (
-                "(attribute_not_exists(trailingToken) OR trailingToken = :tt) AND " + window + " AND "
+                "(attribute_not_exists(trailingToken) OR trailingToken = :tt) AND " + current + window + " AND "
                 "((attribute_exists(dirtyAt) AND (attribute_not_exists(startedAt) OR dirtyAt >= startedAt))"
                 " OR trailingState = :running)"
             )
@@ -323,6 +329,14 @@ class DynamoDBDebounceStore:
             values.update({":old": _s(replaces), ":running": _s("running")})
         return self._update(key, update, condition, values, {"#t": "target"})
 
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        return self._update(
+            key,
+            "SET trailingDueAt = :due",
+            "trailingToken = :tt AND (attribute_not_exists(trailingDueAt) OR trailingDueAt < :due)",
+            {":tt": _s(trailing_token), ":due": _n(due_at)},
+        ).ok
+
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
         return self._update(
             key,
@@ -379,7 +393,7 @@ class DynamoDBDebounceStore:
         values: dict[str, Any] = {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}}
         update = "SET jobsStartedAt = :start, jobTokens = :tokens"
         if inflight_until is not None:
-            update += f", inflightUntil = :until REMOVE queuedSeenAt, {_NOT_WAITING}"
+            update += f", inflightUntil = :until REMOVE queuedSeenAt, pollSeq, {_NOT_WAITING}"
             values[":until"] = _n(inflight_until)
         return self._update(
             key,
@@ -389,19 +403,31 @@ class DynamoDBDebounceStore:
         ).ok
 
     def observe_pending(
-        self, key: RefreshKey, *, started_at: int, inflight_until: int, scheduled_at: int | None
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
     ) -> bool:
         values: dict[str, Any] = {":start": _n(started_at), ":until": _n(inflight_until)}
         update = "SET inflightUntil = :until"
         if scheduled_at is not None:
             update += ", queuedSeenAt = :seen"
             values[":seen"] = _n(scheduled_at)
+        if poll_seq is not None:
+            update += ", pollSeq = :seq"
+            values[":seq"] = _n(poll_seq)
         condition = "jobsStartedAt = :start AND attribute_exists(inflightUntil)"
         return self._update(key, update, condition, values).ok
 
     def clear_inflight(self, key: RefreshKey, *, started_at: int) -> bool:
         return self._update(
-            key, "REMOVE inflightUntil, queuedSeenAt", "jobsStartedAt = :start", {":start": _n(started_at)}
+            key,
+            "REMOVE inflightUntil, queuedSeenAt, pollSeq",
+            "jobsStartedAt = :start",
+            {":start": _n(started_at)},
         ).ok
 
     def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]:
@@ -423,7 +449,10 @@ class DynamoDBDebounceStore:
                 page = self.client.query(**args)
                 for item in page.get("Items", []):
                     token = item.get("trailingToken", {}).get("S")
-                    found.append(Waiter(RefreshKey.from_pk(item["pk"]["S"]), int(item["waitingSince"]["N"]), token))
+                    due = item.get("trailingDueAt", {}).get("N")
+                    since = int(item["waitingSince"]["N"])
+                    key = RefreshKey.from_pk(item["pk"]["S"])
+                    found.append(Waiter(key, since, token, int(due) if due is not None else None))
                 last = page.get("LastEvaluatedKey")
                 if len(found) >= limit or not last:
                     break

@@ -55,6 +55,7 @@ class InMemoryDebounceStore:
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
         with self._lock:
             self.writes += 1
@@ -68,8 +69,10 @@ class InMemoryDebounceStore:
                 ok = force or window_over
             else:
                 stale = st.dirty_at is not None and (st.started_at is None or st.dirty_at >= st.started_at)
+                current = trailing_due_at is None or st.trailing_due_at is None or st.trailing_due_at <= trailing_due_at
                 ok = (
                     st.trailing_token in (None, trailing_token)
+                    and current
                     and window_over
                     and (stale or st.trailing_state == "running")
                 )
@@ -197,6 +200,17 @@ class InMemoryDebounceStore:
             self.items[key] = _waiting(new, waiting, pending)
             return WriteResult(True, old)
 
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.trailing_token != trailing_token:
+                return False
+            if st.trailing_due_at is not None and st.trailing_due_at >= due_at:
+                return False
+            self.items[key] = replace(st, trailing_due_at=due_at)
+            return True
+
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
         with self._lock:
             self.writes += 1
@@ -254,12 +268,18 @@ class InMemoryDebounceStore:
                 return False
             st = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
             if inflight_until is not None:
-                st = replace(st, inflight_until=inflight_until, queued_seen_at=None, **_NOT_WAITING)
+                st = replace(st, inflight_until=inflight_until, queued_seen_at=None, poll_seq=None, **_NOT_WAITING)
             self.items[key] = st
             return True
 
     def observe_pending(
-        self, key: RefreshKey, *, started_at: int, inflight_until: int, scheduled_at: int | None
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
     ) -> bool:
         with self._lock:
             self.writes += 1
@@ -267,6 +287,8 @@ class InMemoryDebounceStore:
             if st is None or st.jobs_started_at != started_at or st.inflight_until is None:
                 return False
             st = replace(st, inflight_until=inflight_until)
+            if poll_seq is not None:
+                st = replace(st, poll_seq=poll_seq)
             if scheduled_at is not None:
                 st = replace(st, queued_seen_at=scheduled_at)
             self.items[key] = st
@@ -278,13 +300,13 @@ class InMemoryDebounceStore:
             st = self.items.get(key)
             if st is None or st.jobs_started_at != started_at:
                 return False
-            self.items[key] = replace(st, inflight_until=None, queued_seen_at=None)
+            self.items[key] = replace(st, inflight_until=None, queued_seen_at=None, poll_seq=None)
             return True
 
     def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]:
         with self._lock:
             live = [
-                Waiter(k, st.waiting_since, st.trailing_token)
+                Waiter(k, st.waiting_since, st.trailing_token, st.trailing_due_at)
                 for k, st in self.items.items()
                 if st.waiting_since is not None and st.waiting_until is not None and st.waiting_until > now
             ]

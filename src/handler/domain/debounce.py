@@ -130,7 +130,12 @@ class Debouncer:
         return (now + 2 * self.windows.range_for(key).max_ms) // 1000 + KEY_IDLE_TTL_S
 
     def _claim(
-        self, key: RefreshKey, *, trailing_token: str | None = None, force: bool = False
+        self,
+        key: RefreshKey,
+        *,
+        trailing_token: str | None = None,
+        force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> tuple[int, str, WriteResult]:
         now = self.clock.now_ms()
         token = self._new_token()
@@ -142,8 +147,16 @@ class Debouncer:
             expires_at=self._expires_at(now, key),
             trailing_token=trailing_token,
             force=force,
+            trailing_due_at=trailing_due_at,
         )
         return now, token, res
+
+    def _put_off(self, message: TrailingMessage, due_at: int, now: int) -> None:
+        """Re-send the trailing refresh for later, then record its new due time: older copies of the
+        message (SQS delivers at least once) then stop instead of re-sending themselves, so copies do
+        not multiply while a key waits."""
+        self.scheduler.schedule(replace(message, due_at=due_at), now=now)
+        self.store.reschedule_trailing(message.key, trailing_token=message.token, due_at=due_at)
 
     def _claimed(  # noqa: PLR0917
         self,
@@ -264,7 +277,7 @@ class Debouncer:
         key's queued build, or drop it."""
         key = message.key
         for _ in range(self._attempts):
-            now, token, res = self._claim(key, trailing_token=message.token)
+            now, token, res = self._claim(key, trailing_token=message.token, trailing_due_at=message.due_at)
             if res.ok:
                 st = res.state
                 return self._claimed(key, token, now, st, st.pending_since if st else None, message.token)
@@ -273,6 +286,8 @@ class Debouncer:
                 return NothingToDo(key, "key has no state")
             if state.trailing_token not in (None, message.token):
                 return NothingToDo(key, "superseded by a newer trailing refresh")
+            if state.trailing_token is not None and (state.trailing_due_at or 0) > message.due_at:
+                return NothingToDo(key, "superseded by a later copy of this trailing refresh")
             if state.gated(now) and state.trailing_token is not None:
                 if (
                     state.trailing_state == "scheduled"
@@ -286,12 +301,11 @@ class Debouncer:
                         return NothingToDo(key, "rides along with the key's queued build", rode_along=True)
                     continue
                 later_at = max(now + gate_recheck_ms(state, now), state.window_end(self.windows.base(key)))
-                self.scheduler.schedule(replace(message, due_at=later_at), now=now)
+                self._put_off(message, later_at, now)
                 return Rescheduled(key, later_at)
             window_end = state.window_end(self.windows.base(key))
             if now < window_end:
-                later = replace(message, due_at=window_end)
-                self.scheduler.schedule(later, now=now)
+                self._put_off(message, window_end, now)
                 return Rescheduled(key, window_end)
             if state.trailing_token is None:
                 return NothingToDo(key, "covered by a refresh that started after the last mutation")

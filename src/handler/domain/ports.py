@@ -44,6 +44,7 @@ class KeyState:
     window_ends_at: int | None = None  # the last claim's start plus the window in force then
     inflight_until: int | None = None  # a refresh of the key is in Cube (queued or building) until then
     queued_seen_at: int | None = None  # a poll sent then found every job of that refresh `scheduled`
+    poll_seq: int | None = None  # the in-flight refresh's verify messages sent so far (a copy stops)
     waiting_since: int | None = None  # waiting for build budget since (its oldest pending mutation)
     waiting_until: int | None = None  # ... registration valid until then (renewed at each deferral)
 
@@ -91,6 +92,7 @@ class Waiter:
     key: RefreshKey
     since: int
     trailing_token: str | None
+    trailing_due_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +131,16 @@ class DebounceStore(Protocol):
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
         """Leading claim (trailing_token None): succeeds when the window is over (`startedAt <=
         now - window_ms` and `windowEndsAt <= now`) and no refresh of the key is in Cube
         (`inflightUntil` absent or past); `force` skips both. Sets startedAt=now, claimToken and
         windowEndsAt = now + the key's windowMs (window_ms if it has none). Trailing claim:
-        additionally requires trailingToken to be absent or equal, and the key to be stale (dirtyAt >=
-        startedAt) or a previous trailing attempt to have died (trailingState = running); sets
-        trailingState=running."""
+        additionally requires trailingToken to be absent or equal, the message to be current (its
+        `trailing_due_at` not older than `trailingDueAt`: a copy of a re-sent message is not), and the
+        key to be stale (dirtyAt >= startedAt) or a previous trailing attempt to have died
+        (trailingState = running); sets trailingState=running."""
         ...
 
     def release(
@@ -202,6 +206,11 @@ class DebounceStore(Protocol):
         refresh may have died before reaching Cube, and the new one must then not find the key clean."""
         ...
 
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        """The trailing refresh's message was re-sent due at `due_at`: record it (only later, only for
+        this token), so older copies of the message stop instead of re-sending themselves."""
+        ...
+
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
         """Forget a trailing refresh that ran (Cube accepted it), and the key's waiting registration."""
         ...
@@ -225,11 +234,18 @@ class DebounceStore(Protocol):
         ...
 
     def observe_pending(
-        self, key: RefreshKey, *, started_at: int, inflight_until: int, scheduled_at: int | None
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
     ) -> bool:
         """A poll found the refresh of `started_at` still in Cube: renew its gate and, when every job
-        was `scheduled` at the poll sent at `scheduled_at`, record that as its ride-along horizon.
-        Only while that refresh is the key's in-flight one (`jobsStartedAt` and a gate)."""
+        was `scheduled` at the poll sent at `scheduled_at`, record that as its ride-along horizon;
+        `poll_seq`: the number of the verify message just sent for it. Only while that refresh is the
+        key's in-flight one (`jobsStartedAt` and a gate)."""
         ...
 
     def clear_inflight(self, key: RefreshKey, *, started_at: int) -> bool:

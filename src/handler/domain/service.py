@@ -332,8 +332,9 @@ class RefreshService:
                 and not state.gated(now)
                 and state.window_end(self.debouncer.windows.base(key)) <= now
             ):
+                due = state.trailing_due_at if state.trailing_due_at is not None else now
                 messages.append(
-                    TrailingMessage(key.tenant_id, key.target, state.trailing_token, now, partition=key.partition)
+                    TrailingMessage(key.tenant_id, key.target, state.trailing_token, due, partition=key.partition)
                 )
         if self.admission is not None and freed_slots:
             try:
@@ -345,8 +346,15 @@ class RefreshService:
 
     @staticmethod
     def _wake_messages(waiters: Sequence[Waiter], now: int) -> list[TrailingMessage]:
+        # The message as the key's record has it (its due time: a wake is a current copy, not an old one).
         return [
-            TrailingMessage(w.key.tenant_id, w.key.target, w.trailing_token, now, partition=w.key.partition)
+            TrailingMessage(
+                w.key.tenant_id,
+                w.key.target,
+                w.trailing_token,
+                w.trailing_due_at if w.trailing_due_at is not None else now,
+                partition=w.key.partition,
+            )
             for w in waiters
             if w.trailing_token is not None
         ]

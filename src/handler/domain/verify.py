@@ -441,9 +441,8 @@ class BuildVerifier:
             )
             alive = [t for t in message.targets if now < min(self._deadline(t), message.deadline_at)]
             if answer.retryable and alive:
-                for target in alive:  # unknown state: keep the build's gate and budget while we ask again
-                    self._renew(target, now, scheduled_at=None)
-                self._poll_again(message, alive, now)
+                # Unknown state: keep the builds' gate and budget while we ask again.
+                self._continue(message, alive, now, sent=None)
                 return
             cls = "rejected" if not answer.retryable else "timeout"
             verdicts = [Verdict(t, "failed", cls, redact(str(answer))) for t in message.targets]
@@ -451,9 +450,7 @@ class BuildVerifier:
             verdicts = [self._classify(t, answer, message, now, sent) for t in message.targets]
         pending = [v.target for v in verdicts if v.state == "pending"]
         if pending:
-            for target in pending:
-                self._renew(target, now, scheduled_at=target.scheduled_at if target.scheduled_at == sent else None)
-            self._poll_again(message, pending, now)
+            self._continue(message, pending, now, sent=sent)
         self._fail([v for v in verdicts if v.state == "failed"], message.tenant_id, now)
         for verdict in verdicts:
             if verdict.state == "done":
@@ -475,11 +472,33 @@ class BuildVerifier:
         deadline = min(self._deadline(target), message.deadline_at)
         return classify(target, jobs, message.tenant_id, now=now, deadline_at=deadline)
 
-    def _renew(self, target: BuildTarget, now: int, *, scheduled_at: int | None) -> None:
+    def _continue(self, message: VerifyMessage, pending: list[BuildTarget], now: int, *, sent: int | None) -> None:
+        """Poll the pending builds again: the next message first, then the records. A copy of a message
+        (SQS delivers at least once) whose next poll another copy already sent stops here, so copies do
+        not multiply over a long wait; a redelivery after a crash between the send and the record may
+        send once more, and that copy stops at the next poll."""
+        fresh = [t for t in pending if not self._sent_already(t, message.poll)]
+        if not fresh:
+            return
+        self._poll_again(message, fresh, now)
+        for target in fresh:
+            seen = target.scheduled_at if sent is not None and target.scheduled_at == sent else None
+            self._renew(target, now, scheduled_at=seen, poll_seq=message.poll + 1)
+
+    def _sent_already(self, target: BuildTarget, poll: int) -> bool:
+        state = self.store.get(target.key)
+        return (
+            state is not None
+            and state.jobs_started_at == target.started_at
+            and state.poll_seq is not None
+            and state.poll_seq > poll
+        )
+
+    def _renew(self, target: BuildTarget, now: int, *, scheduled_at: int | None, poll_seq: int) -> None:
         """The build is alive: keep its gate and budget, raise its ride-along horizon, measure the wait."""
         until = now + self.lease_ms
         self.store.observe_pending(
-            target.key, started_at=target.started_at, inflight_until=until, scheduled_at=scheduled_at
+            target.key, started_at=target.started_at, inflight_until=until, scheduled_at=scheduled_at, poll_seq=poll_seq
         )
         if self.admission is not None and target.lease.slots:
             self.admission.renew(target.lease)
