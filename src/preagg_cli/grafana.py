@@ -138,7 +138,7 @@ class _Panel:
         )
 
 
-def _variables(names: Names) -> list[Any]:
+def _variables() -> list[Any]:
     def cw_query(name: str, label: str, metric: tuple[str, str, str] = ("", "", ""), regex: str = "") -> Any:
         namespace, metric_name, key = metric
         query: dict[str, object] = {
@@ -250,7 +250,7 @@ def build(names: Names) -> dict[str, Any]:
         .time("now-6h", "now")
         .refresh("1m")
         .timezone("browser")
-        .variables(_variables(names))
+        .variables(_variables())
     )
     for index, panel in enumerate(panels(names)):
         board = board.with_panel(panel.build(x=12 * (index % 2), y=8 * (index // 2)))
