@@ -204,7 +204,9 @@ def deploy(config: DeployConfig, env: str, args: argparse.Namespace, template: M
     """`sam deploy` of `env` with every parameter of this deploy plus FunctionDigest."""
     parameters = dict(config.parameters)
     parameters["FunctionDigest"] = function_digest(template, parameters, args.build_dir / FUNCTION)
-    path = args.build_dir.parent / f"deploy-{env}-parameters.json"
+    # SAM CLI reads `file://` parameter files as YAML or TOML only (its JSON reader is disabled); JSON is
+    # YAML, and json.dumps quotes every value, so each stays the string it is.
+    path = args.build_dir.parent / f"deploy-{env}-parameters.yaml"
     path.write_text(json.dumps(parameters, indent=2) + "\n", encoding="utf-8")
     command = [args.sam, "deploy", "--config-file", str(args.config_file.resolve()), "--config-env", env]
     command += ["--parameter-overrides", f"file://{path.resolve()}"]

@@ -4,6 +4,8 @@ import io
 import json
 from pathlib import Path
 
+import yaml
+
 from preagg_cli import predeploy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -251,3 +253,25 @@ def run_deploy(argv, cfn, lam, calls):
         run=fake_sam,
     )
     return code, out.getvalue()
+
+
+def test_make_deploy_parameter_file_is_yaml_sam_reads_back_as_strings(tmp_path):
+    # SAM CLI reads `file://` overrides as YAML or TOML (observed with SAM CLI 1.170: a .json file is refused
+    # with "uses an unsupported extension"); values with quotes and spaces must come back unchanged.
+    calls = []
+    cube_map = '{"User": ["Users", "Users.main"]}'
+    argv = [
+        "--config-env",
+        "dev",
+        "--deploy",
+        "--build-dir",
+        str(package(tmp_path).parent),
+        f"EntityCubeMap={cube_map}",
+    ]
+    assert run_deploy(argv, FakeCfn(None), FakeLambda(MAPPING), calls)[0] == 0
+    path = Path(calls[0][calls[0].index("--parameter-overrides") + 1].removeprefix("file://"))
+    assert path.suffix == ".yaml"
+    read = yaml.safe_load(path.read_text())
+    assert read["EntityCubeMap"] == cube_map
+    assert read["MaximumRetryAttempts"] == "10"  # a string, not the number 10
+    assert all(isinstance(v, str) for v in read.values())
