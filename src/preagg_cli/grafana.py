@@ -215,8 +215,7 @@ def panels(names: Names) -> list[_Panel]:
             "Freshness lag",
             "Build seen done minus the oldest mutation it covers (FreshnessLag); the freshness alarm watches p99.",
             "ms",
-        )
-        .percentiles("FreshnessLag", "p50", "p95", "p99"),
+        ).percentiles("FreshnessLag", "p50", "p95", "p99"),
         panel(
             "Builds by outcome",
             "Verified builds: succeeded, failed by class, re-triggered, dead-lettered (the build-failed alarm).",
