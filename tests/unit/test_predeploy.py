@@ -125,14 +125,7 @@ def test_predeploy_dead_letter_topic_rule_applies_only_to_a_kafka_target():
 
 def test_predeploy_given_function_digest_is_ignored_and_computed_instead(tmp_path):
     calls = []
-    argv = [
-        "--config-env",
-        "dev",
-        "--deploy",
-        "--build-dir",
-        str(package(tmp_path).parent),
-        "FunctionDigest=" + "a" * 64,
-    ]
+    argv = deploy_argv(tmp_path, "FunctionDigest=" + "a" * 64)
     code, out = run_deploy(argv, FakeCfn(DEPLOYED, OUTPUTS), FakeLambda(MAPPING), calls)
     assert code == 0
     assert "FunctionDigest given is ignored" in out
@@ -238,6 +231,10 @@ def test_make_deploy_refused_by_a_check_runs_nothing(tmp_path):
     assert calls == []
 
 
+def deploy_argv(tmp_path, *overrides):
+    return ["--config-env", "dev", "--deploy", "--build-dir", str(package(tmp_path).parent), *overrides]
+
+
 def run_deploy(argv, cfn, lam, calls):
     out = io.StringIO()
 
@@ -260,14 +257,7 @@ def test_make_deploy_parameter_file_is_yaml_sam_reads_back_as_strings(tmp_path):
     # with "uses an unsupported extension"); values with quotes and spaces must come back unchanged.
     calls = []
     cube_map = '{"User": ["Users", "Users.main"]}'
-    argv = [
-        "--config-env",
-        "dev",
-        "--deploy",
-        "--build-dir",
-        str(package(tmp_path).parent),
-        f"EntityCubeMap={cube_map}",
-    ]
+    argv = deploy_argv(tmp_path, f"EntityCubeMap={cube_map}")
     assert run_deploy(argv, FakeCfn(None), FakeLambda(MAPPING), calls)[0] == 0
     path = Path(calls[0][calls[0].index("--parameter-overrides") + 1].removeprefix("file://"))
     assert path.suffix == ".yaml"
