@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from handler.domain.admission import LEASE_MS, NO_LEASE, Admission, Decision, Lease, Request, defer_delay_ms
+from handler.domain.admission import NO_LEASE, Admission, Decision, Lease, Request, defer_delay_ms
 from handler.domain.debounce import Claim, Debounced, Debouncer, NothingToDo, Rescheduled
 from handler.domain.errors import CubeError, CubeNotSent, OutOfTime, SchedulerUnavailable, StoreUnavailable
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
@@ -627,7 +627,7 @@ class RefreshService:
         except SchedulerUnavailable as exc:
             log.error("build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)})
             return False
-        inflight_until = self.clock.now_ms() + LEASE_MS
+        inflight_until = self.clock.now_ms() + self.verifier.lease_ms
         for target in targets:
             try:
                 self.debouncer.store.record_jobs(
