@@ -210,6 +210,22 @@ def test_item2_verify_messages_hold_at_most_100_keys():
     assert [len(m.targets) for m in messages] == [MAX_TARGETS_PER_MESSAGE, MAX_TARGETS_PER_MESSAGE, 40]
 
 
+def test_item2_retriggers_of_a_message_with_many_failed_keys_are_sent_100_keys_at_a_time():
+    rig = Rig(verify=True)
+    keys = [
+        RefreshKey("tenant-1", DAILY, f"{2000 + i // 12}-{i % 12 + 1:02d}-01..{2000 + i // 12}-{i % 12 + 1:02d}-28")
+        for i in range(250)
+    ]
+    for key in keys:
+        rig.store.claim(key, now=T0, window_ms=1, claim_token="c", expires_at=0)
+    rig.jobs.default = "failure: boom"
+    message = VerifyMessage("tenant-1", T0 + 600_000, tuple(BuildTarget(k, (md5ish(),), T0, T0) for k in keys))
+    rig.service.process_verify([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)
+    retriggers = [m for _, m in rig.build_queue.messages if isinstance(m, RetriggerMessage)]
+    assert [len(m.targets) for m in retriggers] == [100, 100, 50]
+    assert sorted(k for m in retriggers for k, _ in m.refresh_keys()) == sorted(keys)
+
+
 # -- 3. Cube answers that cannot be read ----------------------------------------------------------
 DEEP = b"[" * 100_000 + b"]" * 100_000
 

@@ -609,9 +609,11 @@ class BuildVerifier:
                     ),
                 )
             )
-        for attempt, group in sorted(retrigger.items()):
-            msg = RetriggerMessage(tenant_id, tuple(_retrigger_target(v.target) for v in group), attempt)
-            self.queue.send(msg, due_at=now + RETRIGGER_DELAYS_MS[attempt - 1], now=now)
+        for attempt, group in sorted(retrigger.items()):  # (a message of at most 100 keys: well under 256 KiB)
+            for start in range(0, len(group), MAX_TARGETS_PER_MESSAGE):
+                chunk = group[start : start + MAX_TARGETS_PER_MESSAGE]
+                msg = RetriggerMessage(tenant_id, tuple(_retrigger_target(v.target) for v in chunk), attempt)
+                self.queue.send(msg, due_at=now + RETRIGGER_DELAYS_MS[attempt - 1], now=now)
         for verdict, failures in dead:
             letter = RetriggerMessage(
                 tenant_id,
