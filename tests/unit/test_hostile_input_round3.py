@@ -38,6 +38,7 @@ from handler.domain.verify import (
 )
 from handler.settings import ConfigurationError, load_settings
 from tests.builders import T0, Rig, msk_event, mutation
+from tests.unit.test_settings import REQUIRED
 
 SQS_LIMIT = 262_144  # bytes: SQS's maximum message size
 DAILY = "Users.dailyStatusCounts"
@@ -564,15 +565,6 @@ def test_item10_a_record_whose_partition_is_not_a_number_is_reported_alone():
 
 
 # -- 11. configuration with a trailing newline, a tz directory ------------------------------------
-REQUIRED = {
-    "CUBE_API_URL": "https://cube.example.com/cubejs-api",
-    "CUBE_API_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:1:secret:x",
-    "DEBOUNCE_TABLE_NAME": "t",
-    "REFRESH_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/q",
-    "BUILD_DEAD_LETTER_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/dlq",
-}
-
-
 @pytest.mark.parametrize(
     "entry",
     [
