@@ -57,9 +57,10 @@ TRAILING_RETRY_DELAYS_MS = (
 @dataclass(frozen=True, slots=True)
 class Budget:
     """How a batch spends the time to its deadline, so that the bound holds however slow each call
-    is: conditional writes (claims) start only in the first third, Cube requests only until two
-    thirds, and the rest is left for releasing what Cube did not take (a release is one write, like
-    a claim, so it needs no more time than the claims took)."""
+    is: conditional writes (claims) start only in the first third, Cube requests (each followed by
+    the sending of its verification) only until two thirds, and the rest is left for releasing what
+    Cube did not take (a release is one write, like a claim, so it needs no more time than the
+    claims took)."""
 
     claims_until: int
     cube_until: int
