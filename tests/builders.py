@@ -112,6 +112,7 @@ class Rig:
             self.telemetry,
             self.clock,
             self.build_timeout_ms,
+            self.map_io,
             admission=self.admission,
             windows=self.windows,
         )

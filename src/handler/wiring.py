@@ -74,11 +74,20 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         retries=settings.retry_attempts,
         http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
+    map_io = ThreadMap(IO_THREADS)
     windows = settings.windows
     admission = Admission(store, clock, telemetry, settings.effective_build_budget)
     debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms, windows=windows)
     verifier = BuildVerifier(
-        store, cube, build_queue, telemetry, clock, settings.build_timeout_ms, admission=admission, windows=windows
+        store,
+        cube,
+        build_queue,
+        telemetry,
+        clock,
+        settings.build_timeout_ms,
+        map_io=map_io,
+        admission=admission,
+        windows=windows,
     )
     return RefreshService(
         settings.entity_cube_map,
@@ -87,7 +96,7 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         telemetry,
         clock,
         settings.cube_timezones,
-        map_io=ThreadMap(IO_THREADS),
+        map_io=map_io,
         verifier=verifier,
         max_selectors=settings.max_selectors,
         admission=admission,

@@ -29,10 +29,15 @@ Checks per schedule:
     that rides along with a build that had already started is a violation;
 (b) the queue drains: no verification or re-trigger loops (bounded events);
 (c) no re-trigger beyond the MAX_RETRIGGERS-th in a row;
-(d) budget: after every POST, the jobs of ours in Cube (waiting or building) are at most the budget,
+(d) each failed build is counted once toward the budget, whatever the deliveries: the refreshes
+    that descend from the re-triggers of one failed build (directly, or through the trailing refresh
+    a re-trigger scheduled) include at most one counted failure, plus one per crash on that path.
+    So a key is dead-lettered only after MAX_RETRIGGERS + 1 distinct failed builds, never after
+    copies of one that duplicate deliveries made (issue 19, item 12b);
+(e) budget: after every POST, the jobs of ours in Cube (waiting or building) are at most the budget,
     plus the builds the verifier gave up on (timeout: Cube may still run them) and, in schedules with
     crashes, one per crash so far (a crashed invocation's lease lapses while its build may run);
-(e) no duplicate builds: no POST of a key while a job of that key is in Cube, except after the
+(f) no duplicate builds: no POST of a key while a job of that key is in Cube, except after the
     verifier gave up on it, or after a crash (its gate lapses).
 """
 
@@ -141,6 +146,15 @@ class World:
     over_budget: list[str] = field(default_factory=list)
     duplicate_builds: list[str] = field(default_factory=list)
     statuses_seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # (d): which failed build a refresh descends from. A cause is (key, start of the failed refresh).
+    causes: dict[RefreshKey, tuple[RefreshKey, int]] = field(default_factory=dict)  # of the invocation running
+    verifying: dict[RefreshKey, int] = field(default_factory=dict)  # the verify message being settled
+    retrigger_origin: dict[int, dict[RefreshKey, tuple[RefreshKey, int]]] = field(default_factory=dict)
+    trailing_cause: dict[str, tuple[RefreshKey, int]] = field(default_factory=dict)
+    post_cause: dict[tuple[RefreshKey, int], tuple[RefreshKey, int]] = field(default_factory=dict)
+    counted_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
+    crashes_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
+    keep: list[Any] = field(default_factory=list)  # messages whose id() keys retrigger_origin
 
     def now_ms(self) -> int:
         return self.now
@@ -203,6 +217,8 @@ class World:
         for selector in selectors:
             tokens = []
             for key in selector.keys:
+                if key in self.causes:
+                    self.post_cause[(key, self.now)] = self.causes[key]
                 token = f"j{next(self.token_seq)}"
                 lo, hi = self.spec.broken.get(tenant_id, (0, 0))
                 outcome = "failure" if lo <= self.now < hi else "done"
@@ -270,6 +286,10 @@ class SimStore(InMemoryDebounceStore):
         ok = super().record_build(key, record)
         if ok and record.status == "done":
             self.world.lags.append(record.freshness_lag_ms or 0)
+        if ok and record.status in {"failed", "dead_lettered"} and record.failure_class != "collision":
+            cause = self.world.post_cause.get((key, record.started_at))
+            if cause is not None:
+                self.world.counted_by_cause[cause] += 1
         if ok and record.failure_class == "timeout":
             self.world.given_up.add((key, record.started_at))
         self.world.maybe_crash("after record")
@@ -314,10 +334,19 @@ class SimQueue:
 
     def schedule(self, message: TrailingMessage, *, now: int) -> None:
         self.world.maybe_crash("before trailing send")
+        if message.key in self.world.causes:
+            self.world.trailing_cause[message.token] = self.world.causes[message.key]
         self._deliver(message, message.due_at, now)
 
     def send(self, message: BuildMessage, *, due_at: int, now: int) -> None:
         self.world.maybe_crash("before send")
+        if isinstance(message, RetriggerMessage):  # it re-builds the failed refreshes being settled
+            self.world.keep.append(message)
+            self.world.retrigger_origin[id(message)] = {
+                key: (key, self.world.verifying[key])
+                for key, _ in message.refresh_keys()
+                if key in self.world.verifying
+            }
         self._deliver(message, due_at, now)
         if isinstance(message, RetriggerMessage):  # its attempt: consecutive failures of its keys
             self.world.max_retriggers_in_a_row = max(self.world.max_retriggers_in_a_row, message.attempt)
@@ -389,13 +418,18 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
                 )
                 received = world.now
                 outcome = service.process_mutations([(RecordRef("msk", i), mutation)], deadline_ms=deadline)
+                state = service.debouncer.store.get(RefreshKey(tenant, ROUTES.targets_for(entity)[0]))
+                if state is not None and state.trailing_token is not None:  # the mutation joined it: the
+                    world.trailing_cause.pop(state.trailing_token, None)  # trailing refresh is its own too
                 if outcome.failed:
                     world.push(world.now + REDELIVERY_MS, kind, payload)
                 else:
                     accepted.append((RefreshKey(tenant, ROUTES.targets_for(entity)[0]), received))
             else:
                 ref = RecordRef("sqs", 0)
+                world.causes, world.verifying = _causes(world, payload), {}
                 if isinstance(payload, VerifyMessage):
+                    world.verifying = {t.key: t.started_at for t in payload.targets}
                     outcome = service.process_verify([(ref, payload)], deadline_ms=deadline)
                 elif isinstance(payload, RetriggerMessage):
                     outcome = service.process_retrigger([(ref, payload)], deadline_ms=deadline)
@@ -404,7 +438,10 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
                 if outcome.failed:
                     world.push(world.now + REDELIVERY_MS, kind, payload)
         except Crash:
+            for cause in set(world.causes.values()):
+                world.crashes_by_cause[cause] += 1
             world.push(world.now + REDELIVERY_MS, kind, payload)
+        world.causes = {}
     world.advance(world.now + CUBE_DROP_MS)
 
     violations = []
@@ -422,9 +459,24 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
             violations.append(f"(a) {key.pk}: mutation received at {t} neither built after it nor dead-lettered")
     if world.max_retriggers_in_a_row > MAX_RETRIGGERS:
         violations.append(f"(c) {world.max_retriggers_in_a_row} re-triggers in a row (max {MAX_RETRIGGERS})")
-    violations += [f"(d) {v}" for v in world.over_budget]
-    violations += [f"(e) {v}" for v in world.duplicate_builds]
+    for (key, failed_at), counted in world.counted_by_cause.items():
+        if counted > 1 + world.crashes_by_cause[(key, failed_at)]:
+            violations.append(
+                f"(d) {key.pk}: the build that failed at {failed_at} was re-built and counted {counted} times"
+            )
+    violations += [f"(e) {v}" for v in world.over_budget]
+    violations += [f"(f) {v}" for v in world.duplicate_builds]
     return Verdict(violations, not world.events, world, telemetry)
+
+
+def _causes(world: World, payload: Any) -> dict[RefreshKey, tuple[RefreshKey, int]]:
+    """The failed builds a message re-builds: a re-trigger's (as sent), or a trailing refresh's that a
+    re-trigger scheduled."""
+    if isinstance(payload, RetriggerMessage):
+        return dict(world.retrigger_origin.get(id(payload), {}))
+    if isinstance(payload, TrailingMessage) and payload.token in world.trailing_cause:
+        return {payload.key: world.trailing_cause[payload.token]}
+    return {}
 
 
 @st.composite
@@ -472,6 +524,8 @@ def _record(verdict: Verdict) -> None:
             "max_jobs_in_cube_with_budget": 0,
             "max_retriggers_in_a_row": 0,
             "worst_freshness_lag_ms": 0,
+            "failed_builds_retriggered": 0,
+            "max_counted_rebuilds_of_one_failed_build": 0,
             "polls_seeing": defaultdict(int),
         },
     )
@@ -489,6 +543,10 @@ def _record(verdict: Verdict) -> None:
     totals["max_jobs_in_cube_with_budget"] = max(totals["max_jobs_in_cube_with_budget"], w.max_in_cube)
     totals["max_retriggers_in_a_row"] = max(totals["max_retriggers_in_a_row"], w.max_retriggers_in_a_row)
     totals["worst_freshness_lag_ms"] = max(totals["worst_freshness_lag_ms"], max(w.lags, default=0))
+    totals["failed_builds_retriggered"] += len(w.retrigger_origin)
+    totals["max_counted_rebuilds_of_one_failed_build"] = max(
+        totals["max_counted_rebuilds_of_one_failed_build"], max(w.counted_by_cause.values(), default=0)
+    )
     for status, n in w.statuses_seen.items():
         totals["polls_seeing"][status] += n
 
@@ -598,7 +656,7 @@ def test_verify_model_checker_catches_an_admission_that_ignores_the_budget(monke
     from handler.domain.admission import NO_LEASE, Decision  # noqa: PLC0415
 
     monkeypatch.setattr(Admission, "admit", lambda self, requests: Decision({r.key: NO_LEASE for r in requests}))
-    assert _caught(SATURATED, "(d)", "admission ignoring the budget") > 0
+    assert _caught(SATURATED, "(e)", "admission ignoring the budget") > 0
 
 
 def test_verify_model_checker_catches_leases_that_are_never_renewed(monkeypatch) -> None:
@@ -615,7 +673,7 @@ def test_verify_model_checker_catches_leases_that_are_never_renewed(monkeypatch)
         original_init(self, *args, **{**kw, "lease_ms": 10_000})
 
     monkeypatch.setattr(Admission, "__init__", short_lease)
-    assert _caught(long_queue, "(d)", "leases never renewed") > 0
+    assert _caught(long_queue, "(e)", "leases never renewed") > 0
 
 
 def test_verify_model_checker_catches_a_second_build_posted_while_the_first_is_in_cube(monkeypatch) -> None:
@@ -628,7 +686,7 @@ def test_verify_model_checker_catches_a_second_build_posted_while_the_first_is_i
 
     monkeypatch.setattr(InMemoryDebounceStore, "record_jobs", no_gate)
     unlimited = [replace(spec, budget=0) for spec in SATURATED]
-    assert _caught(unlimited, "(e)", "no in-flight gate") > 0
+    assert _caught(unlimited, "(f)", "no in-flight gate") > 0
 
 
 def test_verify_model_checker_catches_a_deferral_that_loses_the_trailing_refresh(monkeypatch) -> None:
@@ -641,6 +699,19 @@ def test_verify_model_checker_catches_a_deferral_that_loses_the_trailing_refresh
 
     monkeypatch.setattr(Debouncer, "defer", forget)
     assert _caught(SATURATED, "(a)", "a deferral that loses the trailing refresh") > 0
+
+
+def test_verify_model_checker_catches_a_duplicate_retrigger_that_builds_again() -> None:
+    """Check (d) can fail: re-triggers that never look for a newer refresh (every delivery of one goes
+    through the debounce) re-build a failed build twice under duplicate deliveries (issue 19, 12b)."""
+    original = BuildVerifier.still_due
+    BuildVerifier.still_due = lambda self, message: message.refresh_keys()  # type: ignore[method-assign]
+    try:
+        broken = dict.fromkeys(TENANTS, (0, 60_000))
+        specs_ = [Spec(seed, 3, broken, (), 0.0, 0.0, 0.5, burst_ms=5_000) for seed in range(1, 9)]
+        assert _caught(specs_, "(d)", "duplicate re-triggers that build again") > 0
+    finally:
+        BuildVerifier.still_due = original  # type: ignore[method-assign]
 
 
 def test_verify_model_summary() -> None:
