@@ -369,3 +369,27 @@ def test_copies_an_older_copy_of_a_re_sent_trailing_message_stops():
     again = rig.service.process_trailing([(RecordRef("sqs", 0), message)], deadline_ms=rig.deadline)  # a duplicate
     assert [k.detail for k in again.keys] == ["superseded by a later copy of this trailing refresh"]
     assert len(rig.scheduler.messages) == 1
+
+
+# --------------------------------------------------------------------------- keys verified in parts
+
+
+def test_parts_a_key_verified_in_parts_keeps_its_gate_until_every_part_is_built_and_never_rides_along():
+    from handler.domain.verify import BuildTarget  # noqa: PLC0415
+
+    rig = Rig(verify=True, window_ms=W)
+    tokens = tuple(f"{i:032x}" for i in range(9_000))  # more than one verify message can carry
+    rig.store.claim(USERS, now=T0, window_ms=W, claim_token="c", expires_at=0)
+    assert rig.verifier.schedule("tenant-1", [BuildTarget(USERS, tokens, T0, T0 - 1)]) == set()
+    messages = [m for _, m in rig.build_queue.messages if isinstance(m, VerifyMessage)]
+    assert len(messages) >= 2 and all(t.parts == len(messages) for m in messages for t in m.targets)
+    first = set(messages[0].targets[0].tokens)
+    rig.jobs.default = "scheduled"
+    rig.jobs.statuses.update(dict.fromkeys(first, "done"))
+    rig.clock.advance(2_000)
+    poll(rig)  # the first part is built, the others wait: the key is not settled
+    assert state(rig).gated(rig.clock.now) and state(rig).queued_seen_at is None
+    rig.jobs.default = "done"
+    rig.clock.advance(2_000)
+    poll(rig)
+    assert state(rig).build_status == "done" and not state(rig).gated(rig.clock.now)
