@@ -60,7 +60,7 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min; issue 8)
 	$(PY) bench/bench_freshness.py
 
-.venv/.bench-installed: requirements-bench.txt .venv/.installed
+.venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	@touch $@
 
