@@ -209,16 +209,7 @@ class Stack:
         with self._locked():
             self._prepare()
             self._spawn(name)
-            try:
-                self._wait_ready(name, time.monotonic() + timeout)
-            except ServiceExited as error:
-                # Seen on CI runs (esm, and Cube restarted by a test): the new process was taken for
-                # dead before its first line; the error now says how it ended. One more start, said
-                # on stderr; a second death fails.
-                print(f"devstack: {str(error).splitlines()[0]}", file=sys.stderr)
-                print(f"devstack: starting {name} once more", file=sys.stderr)
-                self._spawn(name)
-                self._wait_ready(name, time.monotonic() + timeout)
+            self._wait_ready(name, time.monotonic() + timeout)
             if name in SERVICES:
                 self._after_ready(name)
             self._write_env()
@@ -490,7 +481,7 @@ class Stack:
             return  # already running: reuse (readiness is checked next)
         if name in EVENT_SERVICES:
             argv, cwd, env = self._launch(name, 0)
-            self._pid_file(name).write_text(f"{_proc.spawn(argv, cwd=cwd, env=env, log=self._log(name))}\n")
+            _proc.write_pid(self._pid_file(name), _proc.spawn(argv, cwd=cwd, env=env, log=self._log(name)))
             return
         port = self._ports()[name]
         if _proc.port_open(port):
@@ -501,7 +492,7 @@ class Stack:
         argv, cwd, env = self._launch(name, port)
         user = self._pg_user() if name == "postgres" else None
         pid = _proc.spawn(argv, cwd=cwd, env=env, log=self._log(name), user=user)
-        self._pid_file(name).write_text(f"{pid}\n")
+        _proc.write_pid(self._pid_file(name), pid)
 
     def _answers(self, name: str, port: int) -> bool:
         if name in EVENT_SERVICES:
@@ -538,8 +529,8 @@ class Stack:
 
     def _spawned_exit_code(self, name: str) -> int | None:
         try:
-            return _proc.exit_code(int(self._pid_file(name).read_text().strip()))
-        except (OSError, ValueError):
+            return _proc.exit_code(int(self._pid_file(name).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
             return None
 
     def _fail(self, name: str, message: str, error: type[StackError] = StackError) -> None:
@@ -702,7 +693,8 @@ class Stack:
         return env
 
 
-# A process is ours only if its command line contains this (guards against recycled PIDs).
+# PID files written by an older devstack hold no start time: such a process is ours only if its
+# command line contains this.
 _MARKERS = {
     "postgres": "postgres",
     "moto": "moto_server",
