@@ -45,7 +45,13 @@ test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, start
 
 test: lint typecheck template test-unit test-integration ## everything CI runs
 
+# A misspelt variable (`make invoke EVENTS=...`) would silently run the default: name it instead.
+# $(call only_vars,VAR ...) fails when the command line sets any variable but these.
+only_vars = $(foreach v,$(filter-out $(1),$(foreach a,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(a))))),\
+  $(error make $@ takes $(1), not $(v)))
+
 invoke: venv ## run the handler on EVENT with in-memory stand-ins (STACK=1: against the local stack)
+	$(call only_vars,EVENT STACK)
 	$(PY) -m preagg_cli.local invoke $(EVENT) $(if $(STACK),--stack)
 
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
@@ -71,8 +77,9 @@ bench-sim: venv ## the simulation's smallest scenario against the real local sta
 	$(PY) -m bench.sim.agreement
 	$(PY) -m bench.sim.agreement --event-sources
 
-stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
-	$(PY) -m devstack start
+stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings from the environment (CUBE_PREAGG_DEBOUNCE_MS=5000 ...), PRECISE=1: the partition-precise map
+	$(call only_vars,PRECISE CUBE_% ENTITY_CUBE_MAP)
+	$(PY) -m devstack start $(if $(filter-out 0 no false,$(PRECISE)),--precise)
 
 # stop and status need only the standard library: they work before .venv exists.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
@@ -80,7 +87,7 @@ STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
 stack-stop: ## stop the local stack (says what it stopped)
 	@$(STACK_PY) -m devstack stop
 
-stack-status: ## show each local service (a stopped stack is not an error)
+stack-status: ## show each local service and the function's settings (exit 0 all up or all stopped, 1 partly up)
 	@$(STACK_PY) -m devstack status
 
 clean: ## remove build output and caches (keeps venvs and the stack)
