@@ -77,9 +77,9 @@ bench-sim: venv ## the simulation's smallest scenario against the real local sta
 	$(PY) -m bench.sim.agreement
 	$(PY) -m bench.sim.agreement --event-sources
 
-stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings from the environment (CUBE_PREAGG_DEBOUNCE_MS=5000 ...), PRECISE=1: the partition-precise map
+stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings given (CUBE_PREAGG_DEBOUNCE_MS=5000 ...) are kept until stack-stop; PRECISE=1: the partition-precise map, PRECISE=0: the default
 	$(call only_vars,PRECISE CUBE_% ENTITY_CUBE_MAP)
-	$(PY) -m devstack start $(if $(filter-out 0 no false,$(PRECISE)),--precise)
+	$(PY) -m devstack start $(if $(PRECISE),$(if $(filter 0 no false,$(PRECISE)),--no-precise,--precise))
 
 # stop and status need only the standard library: they work before .venv exists.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     start.add_argument(
         "--precise",
-        action="store_true",
-        help=f"the function routes with {function.PRECISE_MAP} (partition-precise and field-level targets)",
+        action=argparse.BooleanOptionalAction,
+        help=f"the function routes with {function.PRECISE_MAP} (partition-precise and field-level targets); "
+        "--no-precise: the default map again",
     )
     stop = commands.add_parser("stop", help="stop the services by PID")
     stop.add_argument("--purge", action="store_true", help="then delete .stack/ (cluster, secret, ports)")
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack()
     try:
         if args.command == "start":
-            # The function's settings come from this environment (unset: the default), every start.
-            settings = function.from_environ(os.environ, stack.root, precise=args.precise)
+            # The function's settings: the recorded ones, with what this environment gives.
+            recorded = function.recorded_environ(stack.state)
+            settings = function.from_environ(os.environ, stack.root, recorded=recorded, precise=args.precise)
             began = time.monotonic()
             if args.service:
                 stack.start_service(args.service, timeout=args.timeout, settings=settings)

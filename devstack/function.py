@@ -2,11 +2,13 @@
 tool applies (the event sources, `preagg-refresh --local`, `invoke --stack`), so the debounce window
 the esm uses is the one `stats` shows and `refresh` schedules with.
 
-`python -m devstack start` takes them from its environment (`CUBE_PREAGG_DEBOUNCE_MS=5000 make
-stack-start`; unset means the function's default, as deployed), validates them as the function does at
-cold start, records them and restarts a running esm whose settings differ. `--precise` (`make
-stack-start PRECISE=1`) sets ENTITY_CUBE_MAP to cube/entity-cube-map.precise.json. The Python API
-(`Stack.start()` without settings: tests, the demo, benchmarks) keeps what is recorded.
+`python -m devstack start` takes them from its environment (`make stack-start CUBE_PREAGG_DEBOUNCE_MS=5000`),
+validates them as the function does at cold start, records them and restarts a running esm whose
+settings differ. A later start keeps what is recorded unless it is given a setting again (an empty
+value means the function's default, as deployed); `make stack-stop` forgets them all. `--precise`
+(`make stack-start PRECISE=1`) sets ENTITY_CUBE_MAP to cube/entity-cube-map.precise.json,
+`--no-precise` (`PRECISE=0`) goes back to the default map. The Python API (`Stack.start()` without
+settings: tests, the demo, benchmarks) keeps what is recorded.
 
     .stack/function.json  {"environ": {"CUBE_PREAGG_DEBOUNCE_MS": "5000"}, "summary": "debounce window 5000 ms ..."}
 
@@ -48,16 +50,27 @@ def names() -> frozenset[str]:
     return frozenset(str(alias) for alias in aliases if isinstance(alias, str)) - _PROVIDED
 
 
-def from_environ(environ: Mapping[str, str], root: Path, *, precise: bool = False) -> dict[str, str]:
-    """The settings given in `environ` (an empty value means the default); `precise` sets the map."""
+def from_environ(
+    environ: Mapping[str, str], root: Path, *, recorded: Mapping[str, str] | None = None, precise: bool | None = None
+) -> dict[str, str]:
+    """The settings after a start with this environment: the `recorded` ones, each setting given in
+    `environ` replacing its value (an empty value: back to the default); `precise` True sets the map to
+    cube/entity-cube-map.precise.json, False drops it (the default map)."""
     known = names()
     typos = sorted(n for n in environ if n.startswith("CUBE_PREAGG_") and n not in known)
     if typos:
         raise SettingsError(f"unknown setting {', '.join(typos)}: the function reads {', '.join(sorted(known))}")
-    given = {name: environ[name] for name in sorted(known) if environ.get(name, "").strip()}
+    settings = dict(recorded or {})
+    for name in sorted(known & set(environ)):
+        if environ[name].strip():
+            settings[name] = environ[name]
+        else:
+            settings.pop(name, None)
     if precise:
-        given["ENTITY_CUBE_MAP"] = json.dumps(json.loads((root / PRECISE_MAP).read_text()), separators=(",", ":"))
-    return given
+        settings["ENTITY_CUBE_MAP"] = json.dumps(json.loads((root / PRECISE_MAP).read_text()), separators=(",", ":"))
+    elif precise is False:
+        settings.pop("ENTITY_CUBE_MAP", None)
+    return settings
 
 
 @contextlib.contextmanager

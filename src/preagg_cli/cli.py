@@ -299,6 +299,11 @@ def _hint_for(detail: str, target: str = "", known: Sequence[str] = ()) -> str:
             f"no cube or pre-aggregation named {target!r} (names are case-sensitive): "
             f"{guess}Cube has {', '.join(known)}"
         )
+    if "pg_namespace_nspname_index" in detail:
+        return (
+            "Cube's first build into this tenant's schema raced another one (Cube creates the schema while "
+            "building; docs/cube-jobs-api.md, hazard d): run the same command again"
+        )
     if detail.startswith("client"):
         return (
             "Cube refused the request: check the cube names exist in the tenant's data model and that "
@@ -513,7 +518,12 @@ def _unfinished(target: Target, payload: Mapping[str, Any]) -> list[str]:
         raise OperationFailed(f"Cube's job states could not be read: {jobs.get('error')}")
     stats = _operation(target, {**payload, "operation": "stats"})
     verified = {k["target"]: (k.get("lastBuild") or {}).get("refreshStartedAt") for k in stats.get("keys", [])}
-    waiting = []
+    # A trailing refresh still to come will post newer jobs: wait for those.
+    waiting = [
+        f"{k['target']}: trailing refresh {k['trailingRefresh']['state']}, due {k['trailingRefresh'].get('dueAt')}"
+        for k in stats.get("keys", [])
+        if k.get("trailingRefresh")
+    ]
     for key in jobs.get("keys", []):
         running = [
             j for j in key.get("jobs", []) if j["status"] not in FINISHED and not j["status"].startswith("failure")
@@ -674,6 +684,8 @@ def _produce_values(args: argparse.Namespace, stdin: TextIO) -> list[tuple[bytes
         records = replay.read_file(args.event)
     except replay.ReplayInputError as exc:
         raise UsageError(str(exc)) from None
+    # The sample events carry fixed timestamps: freshness counts from now, as for a mutation made now.
+    local.restamp({"records": {"all": records}}, int(time.time() * 1000))
 
     def raw(b64: Any) -> bytes | None:
         if b64 is None:
@@ -741,14 +753,20 @@ def _report_handled(target: Target, delivered: Sequence[str], began: float, out:
     except LocalStackError as exc:
         raise OperationFailed(str(exc)) from None
     wanted = set(delivered)
-    for entry in local.invocations():
-        if wanted & set(entry.get("refs") or ()):
-            decided = ", ".join(f"{k['key']} {k['status']}" for k in entry.get("keys", [])) or "no keys"
-            print(
-                f"handled by the function ({entry.get('records')} record(s), {entry.get('failures')} failed): {decided}"
-                + "".join(f"; {note}" for note in entry.get("notes") or ()),
-                file=out,
-            )
+    entries = [entry for entry in local.invocations() if wanted & set(entry.get("refs") or ())]
+    for entry in entries[:1] + entries[1:][-1:]:  # the first invocation, and the last retry if any
+        decided = [f"{k['key']} {k['status']}" for k in entry.get("keys", [])]
+        print(
+            f"handled by the function ({entry.get('records')} record(s), {entry.get('failures')} failed): "
+            + ("; ".join(decided + list(entry.get("notes") or ())) or "no keys"),
+            file=out,
+        )
+    if len(entries) > 1 and entries[-1].get("failures"):
+        print(
+            f"reported failed in {len(entries)} invocations (the first and {len(entries) - 1} retries), then sent "
+            f"to the dead-letter topic {DEAD_LETTER_TOPIC}: `preagg-refresh replay --dlt --dry-run`",
+            file=out,
+        )
     print(f"(the local event sources had handled them {time.monotonic() - began:.1f} s after producing)", file=out)
 
 
@@ -986,6 +1004,21 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str
     return None
 
 
+# The local services each command needs (produce only needs the topic and the event sources that read
+# it: a mutation produced while Cube is down is retried, then dead-lettered, as deployed).
+CORE = ("postgres", "moto", "dynalite", "cube")
+
+
+def _needs(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.command == "produce":
+        return ("kafka", "esm")
+    if args.command == "query":
+        return ("cube",)
+    if args.command == "replay" and args.dlt:
+        return ("kafka",) if args.dry_run else (*CORE, "kafka")
+    return CORE
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -1012,9 +1045,8 @@ def main(
     try:
         resolved = target or resolve_target(args)
         if resolved.local is not None:
-            # One line and exit 2 when the local stack is down, before any client retries.
-            kafka = args.command == "produce" or (args.command == "replay" and args.dlt)
-            resolved.local.require(kafka=kafka)
+            # One line and exit 2 when what the command needs is down, before any client retries.
+            resolved.local.require(_needs(args))
         if args.command == "refresh":
             return cmd_refresh(args, resolved, out)
         if args.command == "stats":

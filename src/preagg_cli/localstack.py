@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +41,17 @@ class LocalStack:
         return self.root / ".stack"
 
     # -- is it up? -------------------------------------------------------------------------------
-    def require(self, *, kafka: bool = False) -> None:
-        """LocalStackError naming what is down, unless every core service (and `kafka`) answers. An
-        environment file outside a devstack state folder (no ports.json beside it) is taken as it is."""
+    def require(self, services: Sequence[str]) -> None:
+        """LocalStackError naming what is down, unless every one of `services` answers. An environment
+        file outside a devstack state folder (no ports.json beside it) is taken as it is."""
         if not (self.state / "ports.json").is_file():
             return
-        from devstack import SERVICES, Stack  # noqa: PLC0415 - dev-only package, installed with the CLI
+        from devstack import Stack  # noqa: PLC0415 - dev-only package, installed with the CLI
 
         statuses = Stack(self.root).status()
-        wanted = [*SERVICES, "kafka"] if kafka else list(SERVICES)
+        wanted = list(services)
         down = [name for name in wanted if not statuses[name].up]
-        if len(down) == len(wanted):
+        if all(not status.up for status in statuses.values()):
             raise LocalStackError("the local stack is not running: start it with `make stack-start`")
         if down:
             raise LocalStackError(

@@ -479,7 +479,7 @@ def test_stats_shows_a_failed_build_and_its_next_retrigger():
     run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
     _verified(rig, "failure: permission denied for table users")
     _, out, _ = run(["stats", "--tenant", "tenant-1"], target)
-    assert "build failed: failure: failure: permission denied for table users (re-trigger 1/5 due" in out
+    assert "build failed: failure: permission denied for table users (re-trigger 1/5 due" in out
 
 
 def test_stats_shows_a_key_cube_had_nothing_to_build_for():

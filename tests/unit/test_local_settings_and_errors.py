@@ -58,9 +58,15 @@ def test_settings_given_to_a_start_are_validated_summarised_and_applied_by_every
     assert settings.entity_cube_map.targets_for("User") == ("Users.main", "Users.dailyStatusCounts")
 
 
-def test_unset_settings_mean_the_defaults_and_an_empty_value_too():
-    assert function.from_environ({"CUBE_PREAGG_DEBOUNCE_MS": ""}, ROOT) == {}
-    assert "debounce window 30000 ms (default), entity map default" in function.validate({}, ROOT)
+def test_a_later_start_keeps_the_recorded_settings_unless_given_again():
+    recorded = function.from_environ({"CUBE_PREAGG_DEBOUNCE_MS": "5000"}, ROOT, precise=True)
+    assert function.from_environ({}, ROOT, recorded=recorded) == recorded  # restarting Cube keeps them
+    changed = function.from_environ({"CUBE_PREAGG_DEBOUNCE_MS": "7000"}, ROOT, recorded=recorded)
+    assert changed["CUBE_PREAGG_DEBOUNCE_MS"] == "7000" and "ENTITY_CUBE_MAP" in changed
+    # An empty value, and PRECISE=0, go back to the function's defaults.
+    reset = function.from_environ({"CUBE_PREAGG_DEBOUNCE_MS": ""}, ROOT, recorded=recorded, precise=False)
+    assert reset == {}
+    assert "debounce window 30000 ms (default), entity map default" in function.validate(reset, ROOT)
 
 
 def test_a_start_with_other_settings_restarts_a_running_esm(tmp_path, monkeypatch, capsys):
@@ -237,6 +243,14 @@ def test_a_misnamed_cube_lists_the_cubes_cube_knows_and_the_closest(monkeypatch)
     assert "CUBE_API_SECRET_ARN" not in text  # not a secret problem
 
 
+def test_a_first_build_that_raced_in_cube_says_to_run_it_again():
+    detail = (
+        "client: Cube rejected the request (400): duplicate key value violates unique constraint "
+        '"pg_namespace_nspname_index"'
+    )
+    assert "run the same command again" in cli._hint_for(detail, "Users")
+
+
 # -- typos that used to pass silently -------------------------------------------------------------------------
 def test_producing_an_unmapped_entity_type_says_so():
     settings = load_settings()
@@ -354,4 +368,4 @@ def test_query_prints_the_value_and_the_rollup_that_answered():
 
 
 def test_local_stack_outside_a_devstack_state_folder_is_taken_as_it_is(tmp_path):
-    LocalStack(tmp_path, {}).require(kafka=True)  # no ports.json: nothing to check, nothing raised
+    LocalStack(tmp_path, {}).require(["kafka", "cube"])  # no ports.json: nothing to check, nothing raised
