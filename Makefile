@@ -63,7 +63,7 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 	$(PY) bench/bench_deadline.py
 	$(PY) bench/bench_precise.py
 
-bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min; issue 8)
+bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min)
 	$(PY) bench/bench_freshness.py
 
 .venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)

@@ -886,26 +886,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--tenant")
     stats.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
-    stats.add_argument(
-        "--wait",
-        action="store_true",
-        help="first wait until the keys are settled: no trailing refresh or re-trigger to come, the newest "
-        "refresh's build verified (local stack: and the event sources caught up with the topic)",
+    _add_wait(
+        stats, "the keys are settled: no trailing refresh or re-trigger to come, the newest refresh's build verified"
     )
-    stats.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
 
     jobs = sub.add_parser(
         "jobs", parents=[common], allow_abbrev=False, help="show live Cube job states of a tenant's latest refreshes"
     )
     jobs.add_argument("--tenant", required=True)
     jobs.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
-    jobs.add_argument(
-        "--wait",
-        action="store_true",
-        help="first wait until Cube has finished each key's newest jobs (done or failed) and the function has "
-        "verified them (local stack: and the event sources caught up with the topic)",
-    )
-    jobs.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
+    _add_wait(jobs, "Cube has finished each key's newest jobs (done or failed) and the function has verified them")
 
     clear = sub.add_parser(
         "clear", parents=[common], allow_abbrev=False, help="delete debounce state of a tenant (or some cubes)"
@@ -928,6 +918,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_produce(sub, common)
     _add_query(sub, common)
     return parser
+
+
+def _add_wait(parser: argparse.ArgumentParser, until: str) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"first wait until {until} (local stack: and its event sources have caught up with the topic)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
 
 
 def _add_produce(sub: Any, common: argparse.ArgumentParser) -> None:
