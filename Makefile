@@ -31,7 +31,7 @@ lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff check src tests bench devstack
 	.venv/bin/ruff format --check src tests bench devstack
 
-typecheck: venv ## mypy --strict on the Lambda code and the dev stack
+typecheck: venv ## mypy --strict on the Lambda code, the operator CLI and the dev stack
 	.venv/bin/mypy --strict src/handler src/preagg_cli devstack
 
 template: ## sam validate (both modes), sam build without Docker, checkov
@@ -87,7 +87,7 @@ STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
 stack-stop: ## stop the local stack (says what it stopped)
 	@$(STACK_PY) -m devstack stop
 
-stack-status: ## show each local service and the function's settings (exit 0 all up or all stopped, 1 partly up)
+stack-status: ## show each local service and the function's settings (fails only when the stack is partly up)
 	@$(STACK_PY) -m devstack status
 
 clean: ## remove build output and caches (keeps venvs and the stack)

@@ -55,7 +55,8 @@ class LocalStack:
             raise LocalStackError("the local stack is not running: start it with `make stack-start`")
         if down:
             raise LocalStackError(
-                f"the local stack is not running ({', '.join(down)} down): start it with `make stack-start`"
+                f"the local stack is only partly running ({', '.join(down)} down): `make stack-start` starts "
+                "what is missing"
             )
 
     # -- Cube --------------------------------------------------------------------------------------

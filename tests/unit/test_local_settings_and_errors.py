@@ -177,7 +177,9 @@ def test_a_half_running_stack_names_what_is_down(stopped_stack, monkeypatch):
     monkeypatch.setattr(devstack.Stack, "status", lambda self: statuses)
     code, _, err = run_cli(["stats", "--env-file", str(stopped_stack)])
     assert code == cli.EXIT_USAGE
-    assert err == "error: the local stack is not running (cube down): start it with `make stack-start`\n"
+    assert (
+        err == "error: the local stack is only partly running (cube down): `make stack-start` starts what is missing\n"
+    )
 
 
 @pytest.mark.parametrize(
