@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
@@ -73,10 +73,12 @@ class Budget:
 class _Group:
     refs: list[RecordRef] = field(default_factory=list)
     oldest_event_ms: int = 2**63
+    entity_types: set[str] = field(default_factory=set)  # only mapped ones: few, a safe metric dimension
 
-    def add(self, ref: RecordRef, event_ms: int) -> None:
+    def add(self, ref: RecordRef, event_ms: int, entity_types: Iterable[str] = ()) -> None:
         self.refs.append(ref)  # a record may appear twice (several partitions folded into one key): harmless
         self.oldest_event_ms = min(self.oldest_event_ms, event_ms)
+        self.entity_types.update(entity_types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,11 @@ class RefreshService:
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
                     outcome.failed.update(groups[claim.key].refs)
+        # By mapped entity type (the map's keys: few, a cheap dimension): the refreshes this batch's mutations
+        # started. Trailing refreshes carry no entity type; they are counted as TrailingFired.
+        refreshed = Counter(t for key in ok_keys for t in groups[key].entity_types)
+        for entity_type, value in sorted(refreshed.items()):
+            self.telemetry.count("RefreshesByEntityType", value, dimension=("EntityType", entity_type))
         return outcome
 
     def _group(self, mutations: Iterable[tuple[RecordRef, EntityMutation]]) -> dict[RefreshKey, _Group]:
@@ -157,11 +164,13 @@ class RefreshService:
         refresh rebuilds them too. An update that changed none of a target's fields skips it."""
         groups: dict[RefreshKey, _Group] = {}
         unmapped = skipped = fallbacks = 0
+        mapped: list[str] = []
         for ref, mutation in mutations:
             routes = self.routes.routes_for(mutation.entity_type)
             if not routes:
                 unmapped += 1
                 continue
+            mapped.append(mutation.entity_type)
             for route in routes:
                 if route.skips(mutation):
                     skipped += 1
@@ -174,7 +183,7 @@ class RefreshService:
                 else:
                     keys = [RefreshKey(whole.tenant_id, whole.target, p.label) for p in sorted(partitions)]
                 for key in keys:
-                    groups.setdefault(key, _Group()).add(ref, mutation.timestamp)
+                    groups.setdefault(key, _Group()).add(ref, mutation.timestamp, (mutation.entity_type,))
         # A batch that touches more partitions of one target than one request may carry ranges for
         # gets the whole-target key instead: it would be widened to (nearly) the whole target at the
         # Cube request anyway, and one key costs one DynamoDB write instead of one per partition.
@@ -190,7 +199,7 @@ class RefreshService:
             if cover is not None:
                 group = groups.pop(key)
                 for ref in group.refs:
-                    groups[cover].add(ref, group.oldest_event_ms)
+                    groups[cover].add(ref, group.oldest_event_ms, group.entity_types)
         for name, value in (
             ("UnmappedEvents", unmapped),
             ("SkippedByFields", skipped),
@@ -198,6 +207,8 @@ class RefreshService:
         ):
             if value:
                 self.telemetry.count(name, value)
+        for entity_type, value in sorted(Counter(mapped).items()):
+            self.telemetry.count("EventsByEntityType", value, dimension=("EntityType", entity_type))
         return groups
 
     def _decide_all(
