@@ -354,7 +354,7 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
         rows.append(
             [
                 key["tenantId"],
-                key["target"] + (f" {key['partition']}" if key.get("partition") else ""),
+                _name(key),
                 last,
                 _when(key.get("windowEndsAt"), now),
                 pending,
@@ -400,7 +400,7 @@ def print_jobs(result: Mapping[str, Any], out: TextIO) -> None:
     rows = [["TARGET", "REFRESH STARTED", "JOB", "STATUS", "TABLE"]]
     for key in keys:
         for job in key.get("jobs", []):
-            rows.append([key["target"], key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
+            rows.append([_name(key), key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
     _table(rows, out)
 
 
@@ -517,10 +517,10 @@ def _unfinished(target: Target, payload: Mapping[str, Any]) -> list[str]:
     if jobs.get("ok") is False:
         raise OperationFailed(f"Cube's job states could not be read: {jobs.get('error')}")
     stats = _operation(target, {**payload, "operation": "stats"})
-    verified = {k["target"]: (k.get("lastBuild") or {}).get("refreshStartedAt") for k in stats.get("keys", [])}
+    verified = {_name(k): (k.get("lastBuild") or {}).get("refreshStartedAt") for k in stats.get("keys", [])}
     # A trailing refresh still to come will post newer jobs: wait for those.
     waiting = [
-        f"{k['target']}: trailing refresh {k['trailingRefresh']['state']}, due {k['trailingRefresh'].get('dueAt')}"
+        f"{_name(k)}: trailing refresh {k['trailingRefresh']['state']}, due {k['trailingRefresh'].get('dueAt')}"
         for k in stats.get("keys", [])
         if k.get("trailingRefresh")
     ]
@@ -529,10 +529,15 @@ def _unfinished(target: Target, payload: Mapping[str, Any]) -> list[str]:
             j for j in key.get("jobs", []) if j["status"] not in FINISHED and not j["status"].startswith("failure")
         ]
         if running:
-            waiting.append(f"{key['target']}: {len(running)} job(s) {running[0]['status']}")
-        elif verified.get(key["target"]) != key.get("refreshStartedAt"):
-            waiting.append(f"{key['target']}: jobs finished, the function has not verified them yet")
+            waiting.append(f"{_name(key)}: {len(running)} job(s) {running[0]['status']}")
+        elif verified.get(_name(key)) != key.get("refreshStartedAt"):
+            waiting.append(f"{_name(key)}: jobs finished, the function has not verified them yet")
     return waiting
+
+
+def _name(key: Mapping[str, Any]) -> str:
+    """A key's target, with its partition when it has one (`Users.dailyStatusCounts 2025-10-01..2025-10-31`)."""
+    return str(key["target"]) + (f" {key['partition']}" if key.get("partition") else "")
 
 
 def _wait(target: Target, args: argparse.Namespace, err: TextIO, pending: Callable[[], list[str]]) -> None:

@@ -371,3 +371,30 @@ def test_query_prints_the_value_and_the_rollup_that_answered():
 
 def test_local_stack_outside_a_devstack_state_folder_is_taken_as_it_is(tmp_path):
     LocalStack(tmp_path, {}).require(["kafka", "cube"])  # no ports.json: nothing to check, nothing raised
+
+
+def test_jobs_wait_tells_the_partitions_of_one_target_apart():
+    done = [{"token": "t", "status": "done", "table": "x"}]
+    october, november = "2025-10-01..2025-10-31", "2025-11-01..2025-11-30"
+    answers = {
+        "jobs": {
+            "ok": True,
+            "keys": [
+                {"target": "Users.daily", "partition": october, "refreshStartedAt": "A", "jobs": done},
+                {"target": "Users.daily", "partition": november, "refreshStartedAt": "B", "jobs": done},
+            ],
+        },
+        "stats": {
+            "ok": True,
+            "keys": [
+                {"target": "Users.daily", "partition": october, "lastBuild": {"refreshStartedAt": "A"}},
+                {"target": "Users.daily", "partition": november, "lastBuild": {"refreshStartedAt": "B"}},
+            ],
+        },
+    }
+    target = cli.Target("test", lambda payload: answers[payload["operation"]], lambda: None, lambda: None)  # type: ignore[arg-type,return-value]
+    assert cli._unfinished(target, {"operation": "jobs", "tenantId": "tenant-h"}) == []
+    answers["stats"]["keys"][0]["lastBuild"] = {"refreshStartedAt": "older"}
+    assert cli._unfinished(target, {"operation": "jobs", "tenantId": "tenant-h"}) == [
+        f"Users.daily {october}: jobs finished, the function has not verified them yet"
+    ]
