@@ -4,8 +4,8 @@ by a trailing refresh that the local SQS event source delivers; a record that ke
 the dead-letter topic with its payload and `preagg-refresh replay --dlt` brings it back.
 
 The event sources run as the stack's `kafka` and `esm` processes; this module starts them with a
-3 s debounce window and no Cube retries inside an invocation (settings the stack leaves to the
-environment the function inherits)."""
+3 s debounce window and no Cube retries inside an invocation (recorded as the function's settings,
+as `make stack-start` records them)."""
 
 from __future__ import annotations
 
@@ -42,31 +42,25 @@ def event_sources(stack: Stack, warm_tenants: None) -> Iterator[StackEnv]:
     for tenant in ("tenant-2", "tenant-3"):
         for cube in CUBES:
             store.delete(RefreshKey(tenant, cube))
-    # The function's settings the stack leaves to the environment: a short window, and no retries
-    # inside an invocation (the mapping's 10 retries of a Cube-down record then take seconds, not 30).
-    # No build budget: with the budget spent by builds in flight when Cube is stopped, the Cube-down
-    # mutation would wait for budget (acknowledged, its trailing refresh in flight) instead of failing
-    # to the dead-letter topic this module checks; admission is tested in test_load_aware.py.
-    overrides = {
+    # The function's settings for these tests (recorded for the esm, as `make stack-start` does): a short
+    # window, and no retries inside an invocation (the mapping's 10 retries of a Cube-down record then
+    # take seconds, not 30). A developer's own settings are recorded again afterwards. No build budget:
+    # with the budget spent by builds in flight when Cube is stopped, the Cube-down mutation would wait
+    # for budget (acknowledged, its trailing refresh in flight) instead of failing to the dead-letter
+    # topic this module checks; admission is tested in test_load_aware.py.
+    previous = stack.function_settings().get("environ", {})
+    settings = {
         "CUBE_PREAGG_DEBOUNCE_MS": str(WINDOW_MS),
         "CUBE_PREAGG_RETRY_ATTEMPTS": "0",
         "CUBE_PREAGG_BUILD_BUDGET": "0",
     }
-    previous = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
-    try:
-        stack.start_service("kafka")
-        stack.start_service("esm")
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+    stack.start_service("kafka")
+    stack.start_service("esm", settings=settings)
     try:
         yield stack.env()
     finally:
         stack.stop_service("esm")
+        stack.set_function_settings(previous)
         if not before["kafka"].up:
             stack.stop_service("kafka")
         # The session's `stack` fixture resumes a developer's esm (with their settings) at the end.
