@@ -29,16 +29,24 @@ def posts_for(fn: Function, tenant: str) -> int:
     return sum(1 for call in fn.service.recorder.calls if call.tenant_id == tenant)
 
 
-def deliver(fn: Function, stack: Stack, tenant: str, until: object, *, timeout_s: float = 90.0) -> list[str]:
-    """Deliver the tenant's queue messages (verify, trailing, retrigger) until `until()`."""
+def deliver(
+    fn: Function, stack: Stack, tenant: str, until: Callable[[], bool], since: int, *, timeout_s: float = 90.0
+) -> list[str]:
+    """Deliver the tenant's queue messages (verify, trailing, retrigger) sent since `since` (earlier
+    ones, left by other tests, are deleted) until `until()`."""
     env = stack.env()
     kinds: list[str] = []
     deadline = time.monotonic() + timeout_s
-    while not until():  # type: ignore[operator]
+    while not until():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out; delivered {kinds}; key {fn.state(tenant, 'Users')}")
-        kinds += [b["kind"] for b in deliver_queue_messages(env, fn.handle, tenant, visibility_s=5)]
+        delivered = deliver_queue_messages(env, fn.handle, tenant, visibility_s=5, since_ms=since)
+        kinds += [b["kind"] for b in delivered]
     return kinds
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def saturate(fn: Function, sabotage: Callable[[str, str, int, int], None], stalls: int = 4, stall_s: int = 4) -> None:
@@ -56,6 +64,7 @@ def test_mutation_rides_along_with_a_build_waiting_in_cubes_queue_and_a_long_wai
     # The build timeout is shorter than the wait: a build still `scheduled` is alive, the timeout
     # counts from its start. (Before, it failed as `timeout` at 4 s and was posted again.)
     fn = make_function(CUBE_PREAGG_DEBOUNCE_MS=str(W_MS), CUBE_PREAGG_BUILD_TIMEOUT_MS="4000")
+    began = now_ms()
     tenant = "tenant-2"
     fn.reset(tenant, "Users")
     saturate(fn, sabotage)
@@ -72,7 +81,7 @@ def test_mutation_rides_along_with_a_build_waiting_in_cubes_queue_and_a_long_wai
         state = fn.state(tenant, "Users")
         return bool(state and state.build_status == "done" and state.trailing_token is None)
 
-    deliver(fn, stack, tenant, built)
+    deliver(fn, stack, tenant, built, began)
 
     counts = fn.telemetry.counts
     assert posts_for(fn, tenant) == 1, "the second mutation rode along: no second POST"
@@ -87,12 +96,13 @@ def test_over_budget_a_tenant_waits_for_the_first_build_then_is_built(
 ) -> None:
     # A budget of 1: BUSY's build takes it and leaves no room for tenant-3's.
     fn = make_function(CUBE_PREAGG_DEBOUNCE_MS=str(W_MS), CUBE_PREAGG_BUILD_BUDGET="1")
+    began = now_ms()
     tenant = "tenant-3"
     fn.reset(tenant, "Users")
     for slot in fn.store.budget_slots(
         "global", 1
     ):  # an earlier run's lapsed leases are free anyway; a live one would be a leak
-        assert slot.free(int(time.time() * 1000)), slot
+        assert slot.free(now_ms()), slot
     saturate(fn, sabotage, stalls=2, stall_s=3)
     rows.add_user(tenant)
     expected = rows.source_count(tenant)
@@ -111,12 +121,11 @@ def test_over_budget_a_tenant_waits_for_the_first_build_then_is_built(
         state = fn.state(tenant, "Users")
         return bool(state and state.build_status == "done")
 
-    deliver(fn, stack, BUSY, busy_settled)  # settling BUSY's build frees the budget and wakes tenant-3
-    deliver(fn, stack, tenant, built)
+    deliver(fn, stack, BUSY, busy_settled, began)  # settling BUSY's build frees the budget, wakes tenant-3
+    deliver(fn, stack, tenant, built, began)
 
     assert posts_for(fn, tenant) == 1 and fn.telemetry.counts["KeysDeferred"] >= 1
     busy_done = fn.state(BUSY, "Users").build_seen_at  # type: ignore[union-attr]
     assert fn.state(tenant, "Users").build_started_at >= busy_done  # type: ignore[union-attr,operator]
     wait_until(lambda: cube_api.count(tenant).value == expected, 30, "Cube to serve the waiting tenant's row")
-    now = int(time.time() * 1000)
-    assert all(slot.free(now) for slot in fn.store.budget_slots("global", 1)), "every lease was freed"
+    assert all(slot.free(now_ms()) for slot in fn.store.budget_slots("global", 1)), "every lease was freed"
