@@ -962,8 +962,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--cube-concurrency", type=int, default=2, help="Cube's build queue concurrency")
     parser.add_argument("--build-sleep-s", type=float, default=1.0, help="seconds each Users rollup build waits")
-    parser.add_argument("--debounce-ms", type=int, default=30_000, help="CUBE_PREAGG_DEBOUNCE_MS (the default: 30000)")
-    parser.add_argument("--build-timeout-s", type=float, default=120.0, help="CUBE_PREAGG_BUILD_TIMEOUT_MS / 1000")
+    parser.add_argument(
+        "--debounce-ms", type=int, default=10_000, help="CUBE_PREAGG_DEBOUNCE_MS (the product's default: 30000)"
+    )
+    parser.add_argument(
+        "--build-timeout-s", type=float, default=60.0, help="CUBE_PREAGG_BUILD_TIMEOUT_MS / 1000 (default: 1800)"
+    )
     parser.add_argument("--observe-s", type=float, default=1.0)
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--pumps", type=int, default=4, help="SQS pollers (concurrent SQS invocations)")
