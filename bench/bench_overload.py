@@ -119,6 +119,25 @@ def schedule(tenants: Sequence[str], mutations: int, arrival_s: float, seed: int
     return sorted(out, key=lambda a: (a.offset_s, a.tenant))
 
 
+def due_batches(
+    offsets_s: Sequence[float], tick_s: float, clock: Any = time.monotonic, sleep: Any = time.sleep
+) -> Iterator[range]:
+    """Replays a sorted schedule in real time: once per tick, the indices of the arrivals that became due
+    since the last tick (ticks with none are skipped); the time spent by the caller counts."""
+    began = clock()
+    i = 0
+    while i < len(offsets_s):
+        elapsed = clock() - began
+        j = i
+        while j < len(offsets_s) and offsets_s[j] <= elapsed:
+            j += 1
+        if j > i:
+            yield range(i, j)
+            i = j
+        if i < len(offsets_s):
+            sleep(max(0.0, tick_s - (clock() - began - elapsed)))
+
+
 @dataclass(frozen=True)
 class Behaviour:
     """One version of the function to run: `code` is `src` (this checkout), a directory holding
@@ -521,32 +540,12 @@ class Bench:
 
     # -- AWS resources, fresh per behaviour -----------------------------------------------------
     def fresh_resources(self) -> tuple[str, str]:
-        from devstack.template import debounce_table_spec, event_sources  # noqa: PLC0415
+        """A new debounce table and refresh queue + DLQ, set as template.yaml sets them; (queue, DLQ) URLs."""
+        from devstack.stack import create_debounce_table, create_refresh_queues  # noqa: PLC0415
 
         self.remove_resources()
-        ddb = self.aws("dynamodb")
-        spec = debounce_table_spec(ROOT / "template.yaml")
-        kwargs: dict[str, Any] = {
-            "TableName": TABLE_NAME,
-            "KeySchema": spec.key_schema,
-            "AttributeDefinitions": spec.attribute_definitions,
-            "BillingMode": "PAY_PER_REQUEST",
-        }
-        if spec.global_secondary_indexes:
-            kwargs["GlobalSecondaryIndexes"] = spec.global_secondary_indexes
-        ddb.create_table(**kwargs)
-        ddb.get_waiter("table_exists").wait(TableName=TABLE_NAME, WaiterConfig={"Delay": 1})
-        sqs = self.aws("sqs")
-        sources = event_sources(ROOT / "template.yaml")
-        dlq = sqs.create_queue(QueueName=DLQ_NAME)["QueueUrl"]
-        queue = sqs.create_queue(QueueName=QUEUE_NAME)["QueueUrl"]
-        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(sources.max_receive_count)}
-        sqs.set_queue_attributes(
-            QueueUrl=queue,
-            Attributes={"VisibilityTimeout": str(sources.visibility_timeout_s), "RedrivePolicy": json.dumps(redrive)},
-        )
-        return queue, dlq
+        create_debounce_table(self.aws("dynamodb"), ROOT / "template.yaml", TABLE_NAME)
+        return create_refresh_queues(self.aws("sqs"), ROOT / "template.yaml", QUEUE_NAME, DLQ_NAME)
 
     def remove_resources(self) -> None:
         from botocore.exceptions import ClientError  # noqa: PLC0415
@@ -733,24 +732,17 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
             counts = defaultdict(int, {t: SEED_USERS for t in bench.tenants})
             mutations = [Mutation(a.tenant, f"{ROW_PREFIX}{behaviour.name}-{i:05d}") for i, a in enumerate(arrivals)]
             phase.began_ms = now_ms()
-            began = time.monotonic()
-            i = offset = 0
-            while i < len(arrivals):
-                elapsed = time.monotonic() - began
-                batch = []
-                while i < len(arrivals) and arrivals[i].offset_s <= elapsed:
-                    batch.append(mutations[i])
-                    i += 1
-                if batch:
-                    bench.insert(batch, counts)
-                    line = {
-                        "offset": offset,
-                        "batch": [{"id": m.row_id, "tenant": m.tenant, "ms": m.committed_ms} for m in batch],
-                    }
-                    driver.stdin.write(json.dumps(line) + "\n")
-                    driver.stdin.flush()
-                    offset += len(batch)
-                time.sleep(max(0.0, TICK_S - (time.monotonic() - began - elapsed)))
+            offset = 0
+            for due in due_batches([a.offset_s for a in arrivals], TICK_S):
+                batch = [mutations[i] for i in due]
+                bench.insert(batch, counts)
+                line = {
+                    "offset": offset,
+                    "batch": [{"id": m.row_id, "tenant": m.tenant, "ms": m.committed_ms} for m in batch],
+                }
+                driver.stdin.write(json.dumps(line) + "\n")
+                driver.stdin.flush()
+                offset += len(batch)
             phase.arrivals_end_ms = now_ms()
             phase.ended = f"max tail ({args.max_tail_s:.0f} s) reached"
             tail_end = time.monotonic() + args.max_tail_s

@@ -12,6 +12,7 @@ from bench.bench_overload import (
     Mutation,
     SeenTable,
     coverage,
+    due_batches,
     lag_cells,
     percentile,
     queue_counts,
@@ -123,3 +124,22 @@ def test_behaviour_parse_rejects_malformed_specs(spec: str) -> None:
 def test_queue_counts_active_is_processing_to_process_is_scheduled() -> None:
     items = [{"status": ["toProcess"]}, {"status": ["active"]}, {"status": ["active", "toProcess"]}, {"status": []}]
     assert queue_counts(items) == (1, 2)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_due_batches_groups_arrivals_by_tick_and_skips_empty_ticks() -> None:
+    clock = _Clock()
+    offsets = [0.0, 0.1, 0.3, 1.2, 1.2]
+    batches = [list(r) for r in due_batches(offsets, 0.25, clock=clock, sleep=clock.sleep)]
+    assert batches == [[0], [1], [2], [3, 4]]  # 0.0 at once; 0.1 by 0.25; 0.3 by 0.5; 1.2 by 1.25
+    assert clock.t == pytest.approx(101.25)
