@@ -10,6 +10,8 @@ from bench.bench_overload import (
     Behaviour,
     DeadLetter,
     Mutation,
+    Phase,
+    Sample,
     SeenTable,
     coverage,
     due_batches,
@@ -19,6 +21,7 @@ from bench.bench_overload import (
     schedule,
     served_at,
     tenant_names,
+    throughput,
 )
 
 MONTH = "20261201"
@@ -143,3 +146,11 @@ def test_due_batches_groups_arrivals_by_tick_and_skips_empty_ticks() -> None:
     batches = [list(r) for r in due_batches(offsets, 0.25, clock=clock, sleep=clock.sleep)]
     assert batches == [[0], [1], [2], [3, 4]]  # 0.0 at once; 0.1 by 0.25; 0.3 by 0.5; 1.2 by 1.25
     assert clock.t == pytest.approx(101.25)
+
+
+def test_throughput_counts_only_the_time_cubes_queue_held_a_job() -> None:
+    phase = Phase(Behaviour("today", "src"))
+    phase.samples = [Sample(0, 3, 2, 2, 0, 0), Sample(2_000, 0, 1, 1, 0, 0), Sample(4_000, 0, 0, 0, 0, 0)]
+    phase.samples.append(Sample(60_000, 0, 0, 0, 0, 0))  # idle for a minute: not counted
+    phase.seen = [_t("users_main", 1_000, 4)] * 8
+    assert throughput(phase) == pytest.approx(2.0)  # 8 tables over 4 busy seconds
