@@ -581,47 +581,6 @@ class Bench:
                 sent = int(message.get("Attributes", {}).get("SentTimestamp", 0))
                 letters.append(DeadLetter(str(body.get("tenantId", "?")), names, sent, str(body.get("kind", "?"))))
 
-    # -- Cube -----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def bench_cube(self, name: str) -> Iterator[tuple[str, str]]:
-        """A fresh Cube with the constrained queue and slow builds; yields (its URL, a system token)."""
-        from devstack import _proc  # noqa: PLC0415
-        from devstack.stack import sign_hs256  # noqa: PLC0415
-
-        port = _proc.free_port()
-        argv, cwd, env = self.stack._launch("cube", port)
-        system_secret = secrets.token_hex(16)
-        env.update(
-            {
-                "PORT": str(port),
-                "CUBE_BUILD_CONCURRENCY": str(self.args.cube_concurrency),
-                "CUBE_MODEL_BUILD_SLEEP_S": str(self.args.build_sleep_s),
-                "CUBEJS_PLAYGROUND_AUTH_SECRET": system_secret,
-            }
-        )
-        log = self.stack.logs / f"bench-overload-cube-{name}.log"
-        pid = _proc.spawn(argv, cwd=cwd, env=env, log=log)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while _proc.http_status(f"{url}/readyz") != 200:
-                if _proc.exit_code(pid) is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the bench Cube did not start; see {log}")
-                time.sleep(0.3)
-            # Compile every tenant's model now (contextToAppId: one per tenant), not in the phase.
-            for tenant in self.tenants:
-                status = _proc.http_status(
-                    f"{url}/cubejs-api/v1/meta",
-                    headers={"Authorization": self.stack.cube_token({"tenantId": tenant})},
-                    timeout=60,
-                )
-                if status != 200:
-                    raise RuntimeError(f"the bench Cube answered /v1/meta for {tenant} with {status}; see {log}")
-            token = sign_hs256({"tenantId": self.tenants[0], "exp": int(time.time()) + 7200}, system_secret)
-            yield url, token
-        finally:
-            _proc.terminate(pid)
-
     # -- the function under test ------------------------------------------------------------------
     def code_dir(self, behaviour: Behaviour) -> Path:
         """The `src` directory holding the behaviour's `handler` package."""
@@ -682,6 +641,75 @@ class Bench:
         )
 
 
+class BenchCube:
+    """A fresh Cube process with the constrained queue and slow builds, on a port of its own; `restart`
+    starts another process on the same port (Cube keeps its queue and job tokens in memory: they are lost,
+    as in a crash or a deploy)."""
+
+    def __init__(self, bench: Bench, name: str) -> None:
+        from devstack import _proc  # noqa: PLC0415
+        from devstack.stack import sign_hs256  # noqa: PLC0415
+
+        self.bench = bench
+        self.port = _proc.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = bench.stack.logs / f"bench-overload-cube-{name}.log"
+        system_secret = secrets.token_hex(16)
+        self.system_token = sign_hs256({"tenantId": bench.tenants[0], "exp": int(time.time()) + 7200}, system_secret)
+        argv, cwd, env = bench.stack._launch("cube", self.port)
+        env.update(
+            {
+                "PORT": str(self.port),
+                "CUBE_BUILD_CONCURRENCY": str(bench.args.cube_concurrency),
+                "CUBE_MODEL_BUILD_SLEEP_S": str(bench.args.build_sleep_s),
+                "CUBEJS_PLAYGROUND_AUTH_SECRET": system_secret,
+            }
+        )
+        self.launch = (argv, cwd, env)
+        self.pid: int | None = None
+        self.restarts: list[int] = []  # when (epoch ms)
+
+    def start(self) -> None:
+        from devstack import _proc  # noqa: PLC0415
+
+        argv, cwd, env = self.launch
+        self.pid = _proc.spawn(argv, cwd=cwd, env=env, log=self.log)
+        deadline = time.monotonic() + 120
+        while _proc.http_status(f"{self.url}/readyz") != 200:
+            if _proc.exit_code(self.pid) is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bench Cube did not start; see {self.log}")
+            time.sleep(0.3)
+        # Compile every tenant's model now (contextToAppId: one per tenant), not during the phase.
+        for tenant in self.bench.tenants:
+            status = _proc.http_status(
+                f"{self.url}/cubejs-api/v1/meta",
+                headers={"Authorization": self.bench.stack.cube_token({"tenantId": tenant})},
+                timeout=60,
+            )
+            if status != 200:
+                raise RuntimeError(f"the bench Cube answered /v1/meta for {tenant} with {status}; see {self.log}")
+
+    def stop(self) -> None:
+        from devstack import _proc  # noqa: PLC0415
+
+        if self.pid is not None:
+            _proc.terminate(self.pid)
+            self.pid = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts.append(now_ms())
+        for attempt in range(5):  # the port may be held a moment longer
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if attempt == 4:
+                    raise
+                self.stop()
+                time.sleep(1)
+
+
 # ----------------------------------------------------------------------------- one behaviour
 
 
@@ -702,6 +730,7 @@ class Phase:
     end_ms: int = 0
     ended: str = ""
     sampler_errors: int = 0
+    cube_restarts: list[int] = field(default_factory=list)  # ms after the first arrival
     coverage: Coverage | None = None
 
 
@@ -711,13 +740,16 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
     code = bench.code_dir(behaviour)
     queue, dlq = bench.fresh_resources()
     out = bench.temp / f"driver-{behaviour.name}.json"
-    with bench.bench_cube(behaviour.name) as (cube_url, system_token):
-        proxy = CubeProxy(cube_url)
+    cube = BenchCube(bench, behaviour.name)
+    cube.start()
+    try:
+        proxy = CubeProxy(cube.url)
         proxy.start()
         observer = Observer(bench.stack, args.observe_s)
         observer.baseline()
-        sampler = Sampler(bench.stack, cube_url, system_token, bench.aws("sqs"), queue, args.sample_s)
+        sampler = Sampler(bench.stack, cube.url, cube.system_token, bench.aws("sqs"), queue, args.sample_s)
         driver = bench.driver(behaviour, code, proxy.url, queue, dlq, out)
+        restart = threading.Timer(args.cube_restart_s or 0, cube.restart)
         try:
             assert driver.stdin is not None and driver.stdout is not None
             ready = json.loads(driver.stdout.readline() or "{}")
@@ -733,6 +765,8 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
             counts = defaultdict(int, {t: SEED_USERS for t in bench.tenants})
             mutations = [Mutation(a.tenant, f"{ROW_PREFIX}{behaviour.name}-{i:05d}") for i, a in enumerate(arrivals)]
             phase.began_ms = now_ms()
+            if args.cube_restart_s is not None:
+                restart.start()
             offset = 0
             for due in due_batches([a.offset_s for a in arrivals], TICK_S):
                 batch = [mutations[i] for i in due]
@@ -758,6 +792,7 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
             driver.wait(timeout=120)
             phase.driver = json.loads(out.read_text()) if out.exists() else {"errors": {"no results file": 1}}
         finally:
+            restart.cancel()
             if driver.poll() is None:
                 driver.kill()
                 driver.wait()
@@ -768,6 +803,9 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
                     thread.join(timeout=30)
             proxy.stop()
         observer.tick()  # what was built by the end
+    finally:
+        cube.stop()
+    phase.cube_restarts = [ms - phase.began_ms for ms in cube.restarts]
     phase.mutations = mutations
     phase.seen = observer.snapshot()
     phase.samples = list(sampler.samples)
@@ -922,6 +960,7 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, tenants: int, arri
         f"Cube build concurrency {args.cube_concurrency}, {args.build_sleep_s:g} s per rollup build (+ Cube's own "
         f"work); CUBE_PREAGG_DEBOUNCE_MS={args.debounce_ms}, CUBE_PREAGG_BUILD_TIMEOUT_MS="
         f"{int(args.build_timeout_s * 1000)}; observer every {args.observe_s:g} s, sampler every {args.sample_s:g} s"
+        + (f"; Cube restarted {args.cube_restart_s:g} s after the first arrival" if args.cube_restart_s else "")
     )
     first = phases[0].coverage
     first_p99 = percentile(first.lags_ms, 0.99) if first else None
@@ -934,6 +973,8 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, tenants: int, arri
         name = p.behaviour.name
         print(f"{name}: Cube's queue depth over time: {timeline(p)}")
         print(f"{name}: {p.ended}; handler from {p.handler_file}")
+        if p.cube_restarts:
+            print(f"{name}: Cube restarted at " + ", ".join(f"+{ms / 1000:.0f} s" for ms in p.cube_restarts))
         print(f"{name}: messages delivered {p.driver.get('delivered', {})}")
         print(f"{name}: function counts {p.driver.get('counts', {})}")
         if p.driver.get("errors"):
@@ -970,6 +1011,11 @@ def main() -> None:
     parser.add_argument("--observe-s", type=float, default=1.0)
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--pumps", type=int, default=4, help="SQS pollers (concurrent SQS invocations)")
+    parser.add_argument(
+        "--cube-restart-s",
+        type=float,
+        help="restart Cube this many seconds after the first arrival: its queued builds and job tokens are lost",
+    )
     args = parser.parse_args()
     behaviours: list[Behaviour] = args.behaviour or [Behaviour("today", "src")]
     if len({b.name for b in behaviours}) != len(behaviours):
