@@ -5,7 +5,7 @@ export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
 .PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness bench-overload scale bench-sim \
-        stack-start stack-stop stack-status clean
+        stack-start stack-stop stack-status clean deploy grafana
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -34,7 +34,7 @@ lint: venv ## ruff (lint + format check) on all Python
 typecheck: venv ## mypy --strict on the Lambda code and the dev stack
 	.venv/bin/mypy --strict src/handler src/preagg_cli devstack
 
-template: ## sam validate (both modes), sam build without Docker, checkov
+template: venv ## sam validate (every branch), sam build without Docker, the translated template's tests, checkov
 	scripts/check-template.sh
 
 test-unit: venv ## unit, adapter (moto) and functional tests, the model check: no network
@@ -87,6 +87,15 @@ stack-stop: ## stop the local stack (says what it stopped)
 
 stack-status: ## show each local service (a stopped stack is not an error)
 	@$(STACK_PY) -m devstack status
+
+deploy: venv ## sam build, the pre-deploy checks, sam deploy of samconfig.toml's ENV with FunctionDigest (ARGS="Name=Value ...", GUIDED=1)
+	@[ -n "$(ENV)" ] || { echo "make deploy: name a samconfig.toml environment: make deploy ENV=dev" >&2; exit 2; }
+	@[ -x .venv-sam/bin/sam ] || { echo "make deploy: no SAM CLI in .venv-sam yet: run make template once (it installs the pinned one)" >&2; exit 2; }
+	.venv-sam/bin/sam build
+	$(PY) -m preagg_cli.predeploy --config-env $(ENV) --deploy $(if $(GUIDED),--guided) $(ARGS)
+
+grafana: venv ## the Grafana dashboard (CloudWatch data source) as JSON, validated: build/grafana/preagg-refresh.json
+	$(PY) -m preagg_cli.grafana
 
 clean: ## remove build output and caches (keeps venvs and the stack)
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis

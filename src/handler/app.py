@@ -155,11 +155,12 @@ def handle_trailing(
     verify: list[tuple[RecordRef, VerifyMessage]] = []
     retrigger: list[tuple[RecordRef, RetriggerMessage]] = []
     failed: set[RecordRef] = set()
+    now = svc.clock.now_ms()
     for index, record in enumerate(records):
         ref = RecordRef("sqs", index)
         ids[ref] = message_ids[index]
         try:
-            message = decode_queue_message(record.get("body", ""))
+            message = decode_queue_message(record.get("body", ""), routes=svc.routes, now_ms=now)
         except ValueError as exc:
             logger.warning("invalid queue message", extra={"message_id": ids[ref], "error": str(exc)})
             failed.add(ref)
