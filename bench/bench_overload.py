@@ -36,8 +36,10 @@ What is measured, from outside the function (ground truth), per behaviour:
   key sent after the mutation;
 - re-triggers and failures: the function's own counts (telemetry) and the re-trigger messages delivered.
 
-A phase ends when every mutation is served (or dead-lettered), Cube's queue is empty and the refresh
-queue holds no message, or `--max-tail-s` after the last arrival.
+A phase ends when every mutation is served, Cube's queue is empty and the refresh queue holds no
+message (two samples in a row), or `--max-tail-s` after the last arrival. `--cube-restart-s` restarts
+the bench Cube mid-run (its queued builds and job tokens are lost); `BENCH_FAULT` (see
+overload_driver.py) breaks the function on purpose, to check that the benchmark can fail.
 
     PYTHONPATH=src:. .venv/bin/python bench/bench_overload.py                    # today's code (src/)
     PYTHONPATH=src:. .venv/bin/python bench/bench_overload.py \\
