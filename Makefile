@@ -31,7 +31,7 @@ lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff check src tests bench devstack
 	.venv/bin/ruff format --check src tests bench devstack
 
-typecheck: venv ## mypy --strict on the Lambda code and the dev stack
+typecheck: venv ## mypy --strict on the Lambda code, the operator CLI and the dev stack
 	.venv/bin/mypy --strict src/handler src/preagg_cli devstack
 
 template: venv ## sam validate (every branch), sam build without Docker, the translated template's tests, checkov
@@ -45,7 +45,13 @@ test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, start
 
 test: lint typecheck template test-unit test-integration ## everything CI runs
 
+# A misspelt variable (`make invoke EVENTS=...`) would silently run the default: name it instead.
+# $(call only_vars,VAR ...) fails when the command line sets any variable but these.
+only_vars = $(foreach v,$(filter-out $(1),$(foreach a,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(a))))),\
+  $(error make $@ takes $(1), not $(v)))
+
 invoke: venv ## run the handler on EVENT with in-memory stand-ins (STACK=1: against the local stack)
+	$(call only_vars,EVENT STACK)
 	$(PY) -m preagg_cli.local invoke $(EVENT) $(if $(STACK),--stack)
 
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
@@ -57,15 +63,15 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 	$(PY) bench/bench_deadline.py
 	$(PY) bench/bench_precise.py
 
-bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min; issue 8)
+bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min)
 	$(PY) bench/bench_freshness.py
 
 # BEHAVIOURS: name=code[+VAR=value...] each, code being src, a directory with src/handler or a commit.
 BEHAVIOURS ?= today=src
-bench-overload: venv ## Cube's build queue saturated for minutes, behaviours side by side (~6 min each; issue 16)
+bench-overload: venv ## Cube's build queue saturated for minutes, behaviours side by side (~6 min each)
 	$(PY) bench/bench_overload.py $(foreach b,$(BEHAVIOURS),--behaviour $(b)) $(BENCH_ARGS)
 
-.venv/.bench-installed: requirements-bench.txt .venv/.installed
+.venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	@touch $@
 
@@ -76,8 +82,9 @@ bench-sim: venv ## the simulation's smallest scenario against the real local sta
 	$(PY) -m bench.sim.agreement
 	$(PY) -m bench.sim.agreement --event-sources
 
-stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
-	$(PY) -m devstack start
+stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings given (CUBE_PREAGG_DEBOUNCE_MS=5000 ...) are kept until stack-stop; PRECISE=1: the partition-precise map, PRECISE=0: the default
+	$(call only_vars,PRECISE CUBE_% ENTITY_CUBE_MAP)
+	$(PY) -m devstack start $(if $(PRECISE),$(if $(filter 0 no false,$(PRECISE)),--no-precise,--precise))
 
 # stop and status need only the standard library: they work before .venv exists.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
@@ -85,7 +92,7 @@ STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
 stack-stop: ## stop the local stack (says what it stopped)
 	@$(STACK_PY) -m devstack stop
 
-stack-status: ## show each local service (a stopped stack is not an error)
+stack-status: ## show each local service and the function's settings (fails only when the stack is partly up)
 	@$(STACK_PY) -m devstack status
 
 deploy: venv ## sam build, the pre-deploy checks, sam deploy of samconfig.toml's ENV with FunctionDigest (ARGS="Name=Value ...", GUIDED=1)

@@ -159,7 +159,14 @@ def _jobs(tenant_id: str, cubes: list[str] | None, service: RefreshService, dead
                     "table": "" if foreign or job is None else job.table,
                 }
             )
-        keys.append({"target": key.target, "refreshStartedAt": _iso(state.jobs_started_at), "jobs": listed})
+        keys.append(
+            {
+                "target": key.target,
+                **({"partition": key.partition} if key.partition else {}),
+                "refreshStartedAt": _iso(state.jobs_started_at),
+                "jobs": listed,
+            }
+        )
     return {"ok": True, "operation": "jobs", "tenantId": tenant_id, "keys": keys}
 
 
