@@ -393,3 +393,13 @@ def test_parts_a_key_verified_in_parts_keeps_its_gate_until_every_part_is_built_
     rig.clock.advance(2_000)
     poll(rig)
     assert state(rig).build_status == "done" and not state(rig).gated(rig.clock.now)
+
+
+def test_stats_show_the_effective_window_the_build_in_cube_and_the_wait_for_budget():
+    from handler.operations import describe  # noqa: PLC0415
+
+    state = KeyState(started_at=T0, window_ms=4 * W, window_ends_at=T0 + 4 * W, inflight_until=T0 + 9, waiting_since=T0)
+    row = describe(USERS, state, W)
+    assert row["effectiveWindowMs"] == 4 * W
+    assert row["windowEndsAt"].startswith("2026-11-29T12:00:40")  # T0 + the effective window, 40 s
+    assert row["buildInCubeUntil"] and row["waitingForBudgetSince"]
