@@ -274,28 +274,30 @@ def test_budget_deferred_trailing_refresh_comes_back_and_is_admitted_when_budget
 # --------------------------------------------------------------------------- the adaptive window
 
 
-def test_window_widens_while_the_key_meets_a_backlog_and_narrows_back():
+def test_window_follows_how_late_builds_start_doubling_under_backlog_halving_when_cube_keeps_up():
     windows = Windows(10_000, 80_000)
-    assert windows.widened(USERS, None) == 20_000
-    assert windows.widened(USERS, 60_000) == 80_000  # at most the maximum
-    assert windows.after_build(USERS, 40_000, queue_wait_ms=6_000) == 80_000  # waited: wider
-    assert windows.after_build(USERS, 40_000, queue_wait_ms=0) == 20_000  # kept up: narrower
-    assert windows.after_build(USERS, 12_000, queue_wait_ms=0) == 10_000  # never below the base
-    assert Windows(10_000).after_build(USERS, None, queue_wait_ms=60_000) == 10_000  # max = base: fixed
+    assert windows.after_build(USERS, 40_000, start_lag_ms=90_000) == 80_000  # > 2 W late: wider
+    assert windows.after_build(USERS, 40_000, start_lag_ms=500) == 20_000  # started at once: narrower
+    assert windows.after_build(USERS, 40_000, start_lag_ms=60_000) == 40_000  # in between: kept
+    assert windows.after_build(USERS, 60_000, start_lag_ms=10**6) == 80_000  # at most the maximum
+    assert windows.after_build(USERS, 12_000, start_lag_ms=0) == 10_000  # never below the base
+    assert Windows(10_000).after_build(USERS, None, start_lag_ms=10**6) == 10_000  # max = base: fixed
 
 
-def test_window_a_deferred_key_waits_a_wider_window_before_its_next_leading_refresh():
+def test_window_waiting_for_budget_does_not_widen_the_window_by_itself():
     rig = Rig(verify=True, window_ms=W, budget=1, max_window_ms=8 * W)
     rig.jobs.default = "scheduled"
     mutate(rig, "tenant-1")
-    mutate(rig, "tenant-2")  # deferred: its window doubles
-    assert state(rig, RefreshKey("tenant-2", "Users")).window_ms == 2 * W
+    for _ in range(3):
+        mutate(rig, "tenant-2")  # deferred again and again
+        rig.clock.advance(1_000)
+    assert state(rig, RefreshKey("tenant-2", "Users")).window_ms is None
 
 
-def test_window_a_build_that_waited_in_cubes_queue_widens_the_next_window_and_a_quick_one_narrows_it():
+def test_window_a_build_that_started_long_after_its_mutation_widens_the_next_window_and_a_quick_one_narrows_it():
     rig = gated_rig(max_window_ms=8 * W)
-    for _ in range(3):  # polls find it waiting for 14 s
-        rig.clock.advance(2_000 + _ * 4_000)
+    for step in range(4):  # polls find it waiting for 2 + 6 + 10 + 14 = 32 s: more than twice the window
+        rig.clock.advance(2_000 + step * 4_000)
         poll(rig)
     rig.jobs.default = "done"
     rig.clock.advance(2_000)
@@ -305,7 +307,7 @@ def test_window_a_build_that_waited_in_cubes_queue_widens_the_next_window_and_a_
     assert mutate(rig).by_status("refreshed")
     assert state(rig).window_ends_at == rig.clock.now + 2 * W
     rig.clock.advance(2_000)
-    poll(rig)  # done at the first poll: no wait
+    poll(rig)  # done at the first poll, 2 s after its mutation: within the window
     assert state(rig).window_ms == W
     assert rig.telemetry.timings["EffectiveWindow"] == [W, 2 * W]
 

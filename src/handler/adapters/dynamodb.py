@@ -188,9 +188,6 @@ class DynamoDBDebounceStore:
             return
         sets += ["waitScope = :scope", f"waitingSince = {since}", "waitingUntil = :wuntil"]
         values.update({":scope": _s(WAIT_SCOPE), ":wuntil": _n(waiting.until)})
-        if waiting.window_ms is not None:
-            sets.append("windowMs = :wms")
-            values[":wms"] = _n(waiting.window_ms)
 
     @staticmethod
     def _expression(sets: list[str], removes: list[str]) -> str:

@@ -31,8 +31,7 @@ def _waiting(st: KeyState, waiting: Waiting | None, pending: int | None) -> KeyS
     if waiting is None:
         return st
     since = pending if pending is not None else waiting.since
-    window = waiting.window_ms if waiting.window_ms is not None else st.window_ms
-    return replace(st, waiting_since=since, waiting_until=waiting.until, window_ms=window)
+    return replace(st, waiting_since=since, waiting_until=waiting.until)
 
 
 class InMemoryDebounceStore:

@@ -30,7 +30,7 @@ LEASE_MS = 300_000
 # A deferred key comes back after half its wait so far, between these bounds (it is also woken as
 # soon as budget frees, so this is the safety net, not the pace).
 DEFER_MIN_MS = 5_000
-DEFER_MAX_MS = 300_000
+DEFER_MAX_MS = 60_000
 MAX_BUDGET = 100  # one BatchGetItem reads every slot
 
 

@@ -89,7 +89,6 @@ class Waiting:
 
     since: int
     until: int
-    window_ms: int | None = None  # the widened window to record with it
 
 
 @dataclass(frozen=True, slots=True)

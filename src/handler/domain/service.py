@@ -499,8 +499,7 @@ class RefreshService:
         now = self.clock.now_ms()
         age = max(0, now - claim.oldest)
         due = now + defer_delay_ms(age)
-        windows = self.debouncer.windows
-        waiting = Waiting(claim.oldest, due + defer_delay_ms(age) + 60_000, windows.widened(claim.key, claim.window_ms))
+        waiting = Waiting(claim.oldest, due + defer_delay_ms(age) + 60_000)
         try:
             self.debouncer.defer(claim, due_at=due, waiting=waiting)
         except (StoreUnavailable, SchedulerUnavailable) as exc:

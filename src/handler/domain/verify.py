@@ -714,13 +714,15 @@ class BuildVerifier:
         due = min(now + delay, max(now, min(*(self._deadline(t) for t in targets), message.deadline_at)))
         self.queue.send(later, due_at=due, now=now)
 
-    def _next_window(self, target: BuildTarget) -> int | None:
-        """The key's next window (the adaptive window: wider if this build waited in Cube's queue)."""
+    def _next_window(self, target: BuildTarget, now: int) -> int | None:
+        """The key's next window (the adaptive window: from how long after its oldest mutation this
+        build started, as the polls saw it: the first that found it started, or done)."""
         if self.windows is None:
             return None
         state = self.store.get(target.key)
-        waited = (target.scheduled_at - target.started_at) if target.scheduled_at is not None else 0
-        return self.windows.after_build(target.key, state.window_ms if state else None, queue_wait_ms=waited)
+        started = target.processing_at if target.processing_at is not None else now
+        lag = max(0, started - target.oldest_ms)
+        return self.windows.after_build(target.key, state.window_ms if state else None, start_lag_ms=lag)
 
     def _done_all(self, targets: list[BuildTarget], now: int) -> list[BuildTarget]:
         """Record each done build (the writes side by side), then measure the ones recorded here.
@@ -734,7 +736,12 @@ class BuildVerifier:
                     return False, not noted  # other parts are still being built (or it is settled)
             lag = max(0, now - target.oldest_ms)
             done = BuildRecord(
-                target.started_at, "done", now, freshness_lag_ms=lag, failures=0, window_ms=self._next_window(target)
+                target.started_at,
+                "done",
+                now,
+                freshness_lag_ms=lag,
+                failures=0,
+                window_ms=self._next_window(target, now),
             )
             return self.store.record_build(target.key, done), True
 

@@ -1,7 +1,9 @@
-"""The adaptive debounce window (docs/load-aware.md): per key, the window doubles while the key meets
-a backlog (deferred for build budget, or its build waited in Cube's queue) and halves back once Cube
-keeps up, between its target's base and maximum. A control loop of its own: this module decides the
-next window; the debounce store keeps it (`windowMs`) and applies it at each claim (`windowEndsAt`)."""
+"""The adaptive debounce window (docs/load-aware.md): per key, once per build, the window doubles when
+the build started long after the oldest mutation it covers (the key waited for build budget or in
+Cube's queue for more than twice its window) and halves back when it started within the window (Cube
+keeps up), between its target's base and maximum. So the window follows the backlog (about half the
+wait) instead of adding to it. A control loop of its own: this module decides the next window; the
+debounce store keeps it (`windowMs`) and applies it at each claim (`windowEndsAt`)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,6 @@ from typing import Any
 
 from handler.domain.model import RefreshKey, is_valid_target
 
-# A build that waited in Cube's queue at least this long (or a quarter of its base window, if more)
-# met a backlog: its key's window widens.
-BACKLOG_WAIT_FLOOR_MS = 5_000
 DEFAULT_MAX_WINDOW_MS = 300_000
 MAX_WINDOW_MS = 86_400_000
 
@@ -49,16 +48,18 @@ class Windows:
         span = self.range_for(key)
         return span.clamp(span.base_ms if stored is None else stored)
 
-    def widened(self, key: RefreshKey, stored: int | None) -> int:
-        """The key met a backlog: double its window (at most its maximum)."""
-        return self.range_for(key).clamp(2 * self.current(key, stored))
-
-    def after_build(self, key: RefreshKey, stored: int | None, *, queue_wait_ms: int) -> int:
-        """A build of the key ended: widen if it waited in Cube's queue, else halve back to the base."""
+    def after_build(self, key: RefreshKey, stored: int | None, *, start_lag_ms: int) -> int:
+        """A build of the key started `start_lag_ms` after the oldest mutation it covers: more than
+        twice the window (a backlog: budget or Cube's queue) doubles it, within the window (Cube keeps
+        up: a leading refresh starts at once, a trailing one at the window's end) halves it, at most
+        the maximum and at least the base; in between it stays."""
         span = self.range_for(key)
-        if queue_wait_ms >= max(BACKLOG_WAIT_FLOOR_MS, span.base_ms // 4):
-            return self.widened(key, stored)
-        return span.clamp(self.current(key, stored) // 2)
+        current = self.current(key, stored)
+        if start_lag_ms > 2 * current:
+            return span.clamp(2 * current)
+        if start_lag_ms <= current:
+            return span.clamp(current // 2)
+        return current
 
 
 _SHAPE = 'must be a JSON object of target -> {"debounceMs": int, "maxDebounceMs": int}'
