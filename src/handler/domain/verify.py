@@ -714,13 +714,15 @@ class BuildVerifier:
         due = min(now + delay, max(now, min(*(self._deadline(t) for t in targets), message.deadline_at)))
         self.queue.send(later, due_at=due, now=now)
 
-    def _next_window(self, target: BuildTarget, now: int) -> int | None:
+    def _next_window(self, target: BuildTarget) -> int | None:
         """The key's next window (the adaptive window: from how long after its oldest mutation this
-        build started, as the polls saw it: the first that found it started, or done)."""
+        build started, at least: the last moment it was known not to have started, i.e. the last poll
+        that found every job waiting, or its refresh's start; the polls' own granularity, 2 s and more,
+        must not pass for a backlog)."""
         if self.windows is None:
             return None
         state = self.store.get(target.key)
-        started = target.processing_at if target.processing_at is not None else now
+        started = max(target.started_at, target.scheduled_at or 0)
         lag = max(0, started - target.oldest_ms)
         return self.windows.after_build(target.key, state.window_ms if state else None, start_lag_ms=lag)
 
@@ -741,7 +743,7 @@ class BuildVerifier:
                 now,
                 freshness_lag_ms=lag,
                 failures=0,
-                window_ms=self._next_window(target, now),
+                window_ms=self._next_window(target),
             )
             return self.store.record_build(target.key, done), True
 
