@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim bench-cube-worker \
         stack-start stack-stop stack-status clean
 
 help:
@@ -60,7 +60,7 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min; issue 8)
 	$(PY) bench/bench_freshness.py
 
-.venv/.bench-installed: requirements-bench.txt .venv/.installed
+.venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	@touch $@
 
@@ -70,6 +70,9 @@ scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scal
 bench-sim: venv ## the simulation's smallest scenario against the real local stack, handler driven directly and through the local event sources (~3 min)
 	$(PY) -m bench.sim.agreement
 	$(PY) -m bench.sim.agreement --event-sources
+
+bench-cube-worker: venv ## Cube's own refresh worker vs its model (bench/sim/cube_worker.py), statements per tick, 4 refresh key kinds (~5 min)
+	$(PY) -m bench.sim.cube_worker_check
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
 	$(PY) -m devstack start

@@ -7,22 +7,64 @@
 const { UserError } = require('@cubejs-backend/api-gateway');
 const { FileRepository } = require('@cubejs-backend/shared');
 
-// Benchmark only (bench/bench_freshness.py runs Cube's own refresh worker beside this project's):
-// CUBE_MODEL_REFRESH_EVERY (e.g. "10 second") serves cube/model with every constant refresh key
-// replaced by `{ every: ... }`, and CUBE_REFRESH_TENANTS (comma-separated) lists the tenants the
-// refresh worker builds for, CUBE_REFRESH_TIMER_S how often it runs (Cube's default: 30 s). Unset
-// (tests, demo), the model is read as it is on disk and there is no refresh worker.
+// Benchmarks only (bench/bench_freshness.py and bench/sim/cube_worker_check.py run Cube's own refresh
+// worker). Unset (tests, demo), the model is read as it is on disk and there is no refresh worker.
+// - CUBE_MODEL_REFRESH_EVERY (e.g. "10 second"): every constant refresh key of cube/model is served
+//   as a real one, of the kind CUBE_MODEL_REFRESH_KEY names (default `every`):
+//     every        `{ every }`
+//     sql          `{ every, sql: SELECT MAX(created_at) of the tenant's rows }` (one key per tenant)
+//     filter       the same, and the partitioned rollup's key also filters on its partition
+//                  (FILTER_PARAMS: Cube's "refreshing select partitions" recipe)
+//     incremental  `{ every }`, and the partitioned rollup's key `{ every, incremental: true,
+//                  updateWindow: CUBE_MODEL_UPDATE_WINDOW }` (default "7 day")
+// - CUBE_REFRESH_TENANTS (comma-separated): the tenants the refresh worker builds for;
+//   CUBE_REFRESH_TIMER_S: how often it runs (Cube's default: 30 s).
 const REFRESH_EVERY = process.env.CUBE_MODEL_REFRESH_EVERY;
+const REFRESH_KIND = process.env.CUBE_MODEL_REFRESH_KEY || 'every';
+const UPDATE_WINDOW = process.env.CUBE_MODEL_UPDATE_WINDOW || '7 day';
 const REFRESH_TENANTS = (process.env.CUBE_REFRESH_TENANTS || '').split(',').filter(Boolean);
 const REFRESH_TIMER_S = Number(process.env.CUBE_REFRESH_TIMER_S || 0);
+const REFRESH_KINDS = ['every', 'sql', 'filter', 'incremental'];
+if (REFRESH_EVERY && !REFRESH_KINDS.includes(REFRESH_KIND)) {
+  throw new Error(`CUBE_MODEL_REFRESH_KEY must be one of ${REFRESH_KINDS.join(', ')}, got ${REFRESH_KIND}`);
+}
 
-class EveryRefreshKeyRepository extends FileRepository {
+// The refresh key a constant key is replaced with. `source` is the cube's file: its table and tenant
+// filter are read from its `sql` (`FROM public.<table> WHERE ${SECURITY_CONTEXT.tenantId.filter('<col>')}`).
+function refreshKeyFor(source, cubeName, partitioned) {
+  const every = `every: '${REFRESH_EVERY}'`;
+  const found = /FROM (public\.\w+) WHERE \$\{SECURITY_CONTEXT\.tenantId\.filter\('(\w+)'\)\}/.exec(source);
+  if (REFRESH_KIND === 'every' || !found) {
+    if (REFRESH_KIND === 'incremental' && partitioned) {
+      return `refreshKey: { ${every}, incremental: true, updateWindow: '${UPDATE_WINDOW}' }`;
+    }
+    return `refreshKey: { ${every} }`;
+  }
+  if (REFRESH_KIND === 'incremental') {
+    return partitioned
+      ? `refreshKey: { ${every}, incremental: true, updateWindow: '${UPDATE_WINDOW}' }`
+      : `refreshKey: { ${every} }`;
+  }
+  const [, table, column] = found;
+  const tenant = `\${SECURITY_CONTEXT.tenantId.filter('${column}')}`;
+  const partition = REFRESH_KIND === 'filter' && partitioned
+    ? ` AND \${FILTER_PARAMS.${cubeName}.createdAt.filter('created_at')}`
+    : '';
+  return `refreshKey: { ${every}, sql: \`SELECT MAX(created_at) FROM ${table} WHERE ${tenant}${partition}\` }`;
+}
+
+class RefreshKeyVariantRepository extends FileRepository {
   async dataSchemaFiles(includeDependencies) {
     const files = await super.dataSchemaFiles(includeDependencies);
-    return files.map((file) => ({
-      ...file,
-      content: file.content.replace(/refreshKey: \{ sql: 'SELECT 0' \}/g, `refreshKey: { every: '${REFRESH_EVERY}' }`),
-    }));
+    return files.map((file) => {
+      const cubeName = (/cube\('(\w+)'/.exec(file.content) || [])[1];
+      // A pre-aggregation with partitionGranularity before its constant key is the partitioned one.
+      const content = file.content.replace(
+        /(partitionGranularity: '\w+',[\s\S]*?)?refreshKey: \{ sql: 'SELECT 0' \}/g,
+        (match, partitionedPart) => (partitionedPart || '') + refreshKeyFor(file.content, cubeName, !!partitionedPart),
+      );
+      return { ...file, content };
+    });
   }
 }
 
@@ -39,7 +81,7 @@ function requireTenant(securityContext) {
 }
 
 module.exports = {
-  ...(REFRESH_EVERY ? { repositoryFactory: () => new EveryRefreshKeyRepository('model') } : {}),
+  ...(REFRESH_EVERY ? { repositoryFactory: () => new RefreshKeyVariantRepository('model') } : {}),
   ...(REFRESH_TENANTS.length
     ? { scheduledRefreshContexts: async () => REFRESH_TENANTS.map((tenantId) => ({ securityContext: { tenantId } })) }
     : {}),
