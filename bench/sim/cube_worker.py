@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 KINDS = ("every", "sql", "filter", "incremental")
 DEFAULT_KEY_EVERY_S = 10  # a cube without refreshKey: `every: 10 seconds`, renewal threshold 10 s
 DAY_S = 86_400
@@ -251,7 +253,7 @@ class Population:
     (per second), the partitions of each partitioned rollup, the share of mutations that touch the
     newest partition, and the time zones."""
 
-    key_rates: Sequence[float]  # mutations per second per tenant and entity type (one cube each)
+    key_rates: np.ndarray  # mutations per second per (tenant, cube)
     cubes: int  # entity types = cubes per tenant
     unpartitioned: int  # rollups without a time dimension, per cube
     partitioned: int  # partitioned rollups per cube
@@ -274,7 +276,7 @@ class WorkerHour:
 
 def worker_hourly(pop: Population, kind: str, every_s: float, timer_s: float, factor: float = 1.0) -> WorkerHour:
     """The tick rules of `TickModel`, in expectation per hour, for rates multiplied by `factor`."""
-    tenants = len(pop.key_rates)
+    tenants = pop.key_rates.size
     z = pop.timezones
     per_cube_tables_part = pop.partitioned * pop.partitions * z
     default_reads = z * 3600 / renewal_period(DEFAULT_KEY_EVERY_S, timer_s)
@@ -304,8 +306,8 @@ def worker_hourly(pop: Population, kind: str, every_s: float, timer_s: float, fa
         )
     period = renewal_period(every_s, timer_s)
     reads = 3600 / period
-    rates = [r * factor for r in pop.key_rates]
-    p_change = sum(-math.expm1(-r * period) for r in rates)  # tenants x cubes whose key moved, per read
+    rates = pop.key_rates * factor
+    p_change = float(np.sum(-np.expm1(-rates * period)))  # (tenant, cube) keys that moved, per read
     if kind == "sql":
         return WorkerHour(
             key_queries=default_reads + tenants * pop.cubes * reads,
@@ -314,8 +316,8 @@ def worker_hourly(pop: Population, kind: str, every_s: float, timer_s: float, fa
             detect_period_s=period,
         )
     # FILTER_PARAMS: one key per partition and zone; only the partitions whose rows changed rebuild.
-    newest = sum(-math.expm1(-r * pop.newest_share * period) for r in rates)
-    older = sum(-math.expm1(-r * (1 - pop.newest_share) / max(1, pop.partitions - 1) * period) for r in rates)
+    newest = float(np.sum(-np.expm1(-rates * pop.newest_share * period)))
+    older = float(np.sum(-np.expm1(-rates * (1 - pop.newest_share) / max(1, pop.partitions - 1) * period)))
     touched = newest + older * max(0, pop.partitions - 1)
     return WorkerHour(
         key_queries=default_reads
