@@ -64,8 +64,8 @@ bench-freshness: venv ## freshness end to end on the local stack, this worker vs
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	@touch $@
 
-scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
-	$(PY) -m bench.sim.report
+scale: .venv/.bench-installed ## docs/scale.md's tables and plots by simulation (CONFIG=ours.yaml: your own numbers, into scale-out/)
+	$(PY) -m bench.sim.report $(if $(CONFIG),--config $(CONFIG))
 
 bench-sim: venv ## the simulation's smallest scenario against the real local stack, handler driven directly and through the local event sources (~3 min)
 	$(PY) -m bench.sim.agreement

@@ -75,13 +75,13 @@ class Pricing:
 @dataclass(frozen=True)
 class RunSettings:
     seeds: tuple[int, ...] = (7, 8, 9)
-    headline_tenants: int = 100_000
     small_tenants: int = 1_000
     sizes: tuple[int, ...] = (10, 100, 1_000, 3_000, 10_000, 30_000, 100_000)
     rates: tuple[float, ...] = (5, 20, 50, 200, 1_000)
     windows: tuple[float, ...] = (5, 15, 30, 60, 120, 300)
     build_times: tuple[float, ...] = (0.06, 0.5, 5.0, 60.0)
-    budget: int = 100_000
+    budget: int = 100_000  # the headline size's runs
+    small_budget: int = 25_000  # the second table's runs
     sweep_budget: int = 20_000
     workers: int = 2  # processes (the machine has 2 cores)
 

@@ -8,8 +8,8 @@ For each refresh-key kind, a second Cube process (the stack's own is stopped mea
 `CUBEJS_REFRESH_WORKER=true`, scheduled refresh on for every pre-aggregation, the kind's model variant
 (`CUBE_MODEL_REFRESH_KEY`, cube/cube.js), three tenants (tenant-1 and tenant-2: 4 monthly partitions
 of `Users.dailyStatusCounts`; tenant-h: 31) and two time zones (`CUBEJS_SCHEDULED_REFRESH_TIMEZONES`).
-After a warm-up, rows are inserted at fixed times of a measurement window (users of tenant-1 and
-tenant-h, a group of tenant-2). PostgreSQL logs every statement (`log_statement=all`, on for the run);
+After a warm-up, rows are inserted at fixed times of a 45 s measurement window (users of tenant-1
+and tenant-h, a group of tenant-2). PostgreSQL logs every statement (`log_statement=all`, on for the run);
 each statement Cube sent inside the window is counted by kind:
 
 - `key`: refresh-key queries (`... as refresh_key`, and the `sql` keys' `SELECT MAX(created_at) ...`),
@@ -50,11 +50,12 @@ ROLLUPS = (  # cube/model, in the order Cube schedules them (files by name, pre-
     Rollup("Users", "users", partitioned=True),
 )
 # (seconds into the window, table, tenant): a user of tenant-1, a group of tenant-2, users of tenant-h
+# and tenant-1 again; the last early enough that a key read every 15 s sees it inside the window.
 INSERTS = (
-    (6.0, "users", "tenant-1"),
-    (13.0, "groups", "tenant-2"),
-    (21.0, "users", "tenant-h"),
-    (29.0, "users", "tenant-1"),
+    (3.0, "users", "tenant-1"),
+    (9.0, "groups", "tenant-2"),
+    (15.0, "users", "tenant-h"),
+    (21.0, "users", "tenant-1"),
 )
 COMPARED = ("key", "range", "build")
 TOLERANCE = 0.10
@@ -66,8 +67,13 @@ _PG_LINE = re.compile(
 )
 
 
+_DEFAULT_KEY = re.compile(r"^SELECT FLOOR\(\((-?\d+ \+ )?EXTRACT\(EPOCH FROM NOW\(\)\)\) / 10\) AS REFRESH_KEY")
+
+
 def classify(sql: str) -> str:
     s = " ".join(sql.split()).upper()
+    if _DEFAULT_KEY.match(s):
+        return "default-key"  # Cube's `every: 10 seconds` (a cube without a key; also an `every: 10 second` key)
     if "AS REFRESH_KEY" in s or s.startswith("SELECT MAX(CREATED_AT) FROM PUBLIC."):
         return "key"
     if s.startswith(("SELECT MIN((", "SELECT MAX((")) or s.startswith("SELECT NOW() + INTERVAL"):
@@ -268,6 +274,18 @@ def agrees(simulated: float, measured: float) -> bool:
     return abs(simulated - measured) <= max(MIN_SLACK, TOLERANCE * max(simulated, measured))
 
 
+def compared(run: Run, counts: Counter[str]) -> Counter[str]:
+    """The counts compared. Cube's default key (`every: 10 seconds` of a cube without a key of its own,
+    one per zone for every tenant) is one identity with an `every: 10 second` pre-aggregation key: for
+    `every` and `incremental` keys the two are counted together; for `sql` and `FILTER_PARAMS` keys it
+    is printed apart and not compared: Cube warmed it at some ticks and not at others in our runs
+    (0 of the ~8 the rules predict in one 40 s window, 9 in another)."""
+    out = Counter(counts)
+    if run.kind in ("every", "incremental"):
+        out["key"] += out.pop("default-key", 0)
+    return out
+
+
 def table(title: str, runs: Sequence[Run], model: str) -> tuple[list[str], list[bool]]:
     lines = [
         title,
@@ -276,14 +294,19 @@ def table(title: str, runs: Sequence[Run], model: str) -> tuple[list[str], list[
     ]
     oks = []
     for run in runs:
-        sim = predicted(run, model)
+        sim = compared(run, predicted(run, model))
+        real = compared(run, run.measured)
         ok = True
         for name in COMPARED:
-            good = agrees(sim[name], run.measured[name])
+            good = agrees(sim[name], real[name])
             ok &= good
             lines.append(
-                f"| {run.kind} | {run.ticks_in_window} | {name} | {sim[name]} | {run.measured[name]} | "
+                f"| {run.kind} | {run.ticks_in_window} | {name} | {sim[name]} | {real[name]} | "
                 f"{'yes' if good else 'NO'} |"
+            )
+        if "default-key" in real or "default-key" in sim:
+            lines.append(
+                f"| {run.kind} | | default key (not compared) | {sim['default-key']} | {real['default-key']} | |"
             )
         oks.append(ok)
     return lines, oks
@@ -297,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-window", default="7 day")
     ap.add_argument("--timer-s", type=int, default=5, help="scheduledRefreshTimer (Cube's default: 30)")
     ap.add_argument("--warmup-s", type=float, default=20.0)
-    ap.add_argument("--window-s", type=float, default=40.0)
+    ap.add_argument("--window-s", type=float, default=45.0)
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))

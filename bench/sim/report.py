@@ -420,22 +420,29 @@ def plots(
 
     written = []
     names = [d.name for d in headline[0].designs]
-    # 1. cost and warehouse work vs tenants
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for name in names:
+    # 1. cost and warehouse work vs tenants; one legend below both panels
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 7.2))
+    worker_drawn = False
+    for i, name in enumerate(names):
         color, marker, line, width = style_of(name)
         xs = [n for n in sorted(size_designs) if name in size_designs[n]]
         ys = [size_designs[n][name] for n in xs]
-        aws = [d.aws_monthly(pricing) for d in ys]
         busy = [max(d.warehouse_busy_s / 3600, 1e-3) for d in ys]
         z = 3 if name == WHOLE else 2
-        ax.plot(xs, aws, marker=marker, linestyle=line, color=color, lw=width, label=name, zorder=z, ms=5)
         ax2.plot(xs, busy, marker=marker, linestyle=line, color=color, lw=width, label=name, zorder=z, ms=5)
-    # the headline size's range over the seeds, as error bars
-    for i, name in enumerate(names):
-        color, *_ = style_of(name)
-        vals = [v.designs[i].aws_monthly(pricing) for v in headline]
-        ax.errorbar([sc.tenants], [np.mean(vals)], yerr=[[np.mean(vals) - min(vals)], [max(vals) - np.mean(vals)]],
+        if ys[0].worker:  # every variant of the worker is one Fargate task: one line, drawn once
+            if not worker_drawn:
+                ax.plot(xs, [d.aws_monthly(pricing) for d in ys], color="k", lw=1.2, linestyle="-",
+                        label="_nolegend_")  # fmt: skip
+                ax.annotate("Cube refresh worker, any variant: one Fargate task", (xs[0], ys[0].aws_monthly(pricing)),
+                            textcoords="offset points", xytext=(4, 6), fontsize=8)  # fmt: skip
+                worker_drawn = True
+            continue
+        ax.plot(xs, [d.aws_monthly(pricing) for d in ys], marker=marker, linestyle=line, color=color, lw=width,
+                zorder=z, ms=5)  # fmt: skip
+        vals = [v.designs[i].aws_monthly(pricing) for v in headline]  # the headline's range over the seeds
+        mid = float(np.mean(vals))
+        ax.errorbar([sc.tenants], [mid], yerr=[[max(0.0, mid - min(vals))], [max(0.0, max(vals) - mid)]],
                     color=color, capsize=4, lw=1)  # fmt: skip
     for a in (ax, ax2):
         a.set_xscale("log")
@@ -443,12 +450,12 @@ def plots(
         a.set_xlabel("tenants (log scale)")
         a.grid(True, which="both", alpha=0.3)
     ax.set_ylabel("AWS $ / month (log scale)")
-    ax.set_title("AWS cost per month (Lambda, DynamoDB, SQS, poller / worker task)")
+    ax.set_title(f"AWS per month: Lambda, DynamoDB, SQS, poller (bars: {len(headline)} seeds)", fontsize=10)
     ax2.set_ylabel("warehouse busy hours / day (log scale)")
-    ax2.set_title(f"Warehouse work ({sc.build_s:g} s a partition build)")
-    ax.legend(fontsize=7, loc="upper left")
-    ax2.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    ax2.set_title(f"Warehouse work ({sc.build_s:g} s a partition build)", fontsize=10)
+    handles, labels = ax2.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     written.append(_save(fig, out / "scale-cost-vs-tenants.png", plt))
 
     # 2. warehouse queries vs mutation rate
@@ -485,35 +492,43 @@ def plots(
     written.append(_save(fig, out / "scale-freshness-vs-window.png", plt))
 
     # 4. the peak day with the configured slots: freshness p99 per 20 minutes, and the queue's wait
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 9.5), sharex=True)
     v = headline[0]
+    bins = np.arange(0, 24 * HOUR_S + 1, 1200)
     for d in v.designs:
         if d.timeline is None:
             continue
         color, marker, line, width = style_of(d.name)
         t, lag = d.timeline
-        bins = np.arange(0, 24 * HOUR_S + 1, 1200)
         centre, p99 = [], []
         for b0, b1 in itertools.pairwise(bins):
             sel = lag[(t >= b0) & (t < b1)]
             if sel.size >= 5:
                 centre.append((b0 + b1) / 2 / HOUR_S)
                 p99.append(float(np.percentile(sel, 99)))
-        ax.plot(centre, np.maximum(p99, 0.1), linestyle=line, color=color, lw=width, label=d.name)
+        ax.plot(centre, np.maximum(p99, 0.1), linestyle=line, color=color, lw=width, marker=marker, ms=3,
+                markevery=6, label=d.name)  # fmt: skip
         if d.backlog is not None:
             bt, bw = d.backlog
-            step = max(1, bt.size // 2000)
-            ax2.plot(bt[::step] / HOUR_S, np.maximum(bw[::step], 0.01), linestyle=line, color=color, lw=width)
+            mids, peaks = [], []
+            for b0, b1 in itertools.pairwise(bins):
+                sel = bw[(bt >= b0) & (bt < b1)]
+                if sel.size:
+                    mids.append((b0 + b1) / 2 / HOUR_S)
+                    peaks.append(max(float(sel.max()), 0.01))
+            ax2.plot(mids, peaks, linestyle=line, color=color, lw=width, marker=marker, ms=3, markevery=6)
     ax.set_yscale("log")
     ax.set_ylabel("freshness p99 per 20 min, s (log scale)")
-    ax.set_title(f"The day with {sc.cube_concurrency} build slots, {sc.tenants:,} tenants, {sc.build_s:g} s a build")
+    ax.set_title(f"The day with {sc.cube_concurrency} build slots: {sc.tenants:,} tenants, {sc.build_s:g} s a build, "
+                 f"seed {v.seed}")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
     ax2.set_yscale("log")
-    ax2.set_ylabel("build queue wait, s (log scale)")
+    ax2.set_ylabel("longest build queue wait per 20 min, s (log scale)")
     ax2.set_xlabel("hour of the day (UTC)")
     ax2.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     written.append(_save(fig, out / "scale-peak-day.png", plt))
 
     # 5. breaking points vs build time
@@ -528,10 +543,13 @@ def plots(
     ax.set_yscale("log")
     ax.set_xlabel("build slot time per partition, s (log scale)")
     ax.set_ylabel("tenants at which the peak hour fills the slots (log scale)")
-    ax.set_title(f"Where {sc.cube_concurrency} build slots run out (points outside the simulated sizes left out)")
+    ax.set_title(f"Where {sc.cube_concurrency} build slots run out (outside the simulated sizes: left out)",
+                 fontsize=10)  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.set_size_inches(8, 7.5)
+    fig.tight_layout(rect=(0, 0.27, 1, 1))
     written.append(_save(fig, out / "scale-breaking-points.png", plt))
     return written
 
@@ -575,9 +593,17 @@ def main(argv: list[str] | None = None) -> int:
     own = cfg.source.resolve() != DEFAULT.resolve()
     wall0 = time.perf_counter()
     write = (not args.quick or args.write) and not args.no_write
+    if write:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            raise SystemExit(
+                "scale: matplotlib is missing: run `make scale` (it installs requirements-bench.txt)"
+            ) from None
     run = cfg.run
     if args.quick:
-        run = dataclasses.replace(run, budget=run.budget // 5, sweep_budget=run.sweep_budget // 4,
+        run = dataclasses.replace(run, budget=run.budget // 5, small_budget=run.small_budget // 4,
+                                  sweep_budget=run.sweep_budget // 4,
                                   sizes=(run.sizes[0], run.sizes[len(run.sizes) // 2], run.sizes[-1]),
                                   rates=run.rates[:2], windows=run.windows[:2])  # fmt: skip
     base = cfg.scenario
@@ -589,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes_table.append(("small", run.small_tenants))
     pool = ProcessPoolExecutor(run.workers) if run.workers > 1 else None
     try:
-        jobs = [base.with_(tenants=n, seed=s, budget=run.budget) for _, n in sizes_table for s in run.seeds]
+        budgets = {"headline": run.budget, "small": run.small_budget}
+        jobs = [base.with_(tenants=n, seed=s, budget=budgets[label]) for label, n in sizes_table for s in run.seeds]
         results = _map(pool, run_event_driven, jobs)
         variants: dict[str, list[Variant]] = {}
         details: dict[str, list[list[float]]] = {}
@@ -663,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         written = plots(out, base, cfg.pricing, size_designs, head, rate_points, window_points, breaking,
                         run.build_times, rate_n)  # fmt: skip
-        doc = out / "scale.md" if own else DOC
+        doc = out / "scale.md" if own or args.out else DOC
         text = doc.read_text() if doc.exists() else own_template(cfg)
         for name, body in blocks.items():
             text = replace_block(text, name, body)
