@@ -4,8 +4,8 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim bench-cube-worker \
-        stack-start stack-stop stack-status clean
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim \
+        bench-cube-worker stack-start stack-stop stack-status clean deploy grafana
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -31,10 +31,10 @@ lint: venv ## ruff (lint + format check) on all Python
 	.venv/bin/ruff check src tests bench devstack
 	.venv/bin/ruff format --check src tests bench devstack
 
-typecheck: venv ## mypy --strict on the Lambda code and the dev stack
+typecheck: venv ## mypy --strict on the Lambda code, the operator CLI and the dev stack
 	.venv/bin/mypy --strict src/handler src/preagg_cli devstack
 
-template: ## sam validate (both modes), sam build without Docker, checkov
+template: venv ## sam validate (every branch), sam build without Docker, the translated template's tests, checkov
 	scripts/check-template.sh
 
 test-unit: venv ## unit, adapter (moto) and functional tests, the model check: no network
@@ -45,7 +45,13 @@ test-integration: venv ## real PostgreSQL + Cube + dynalite + moto server, start
 
 test: lint typecheck template test-unit test-integration ## everything CI runs
 
+# A misspelt variable (`make invoke EVENTS=...`) would silently run the default: name it instead.
+# $(call only_vars,VAR ...) fails when the command line sets any variable but these.
+only_vars = $(foreach v,$(filter-out $(1),$(foreach a,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(a))))),\
+  $(error make $@ takes $(1), not $(v)))
+
 invoke: venv ## run the handler on EVENT with in-memory stand-ins (STACK=1: against the local stack)
+	$(call only_vars,EVENT STACK)
 	$(PY) -m preagg_cli.local invoke $(EVENT) $(if $(STACK),--stack)
 
 demo: venv ## start the local stack, play the sample events through the handler, tell the story
@@ -57,7 +63,7 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 	$(PY) bench/bench_deadline.py
 	$(PY) bench/bench_precise.py
 
-bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min; issue 8)
+bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min)
 	$(PY) bench/bench_freshness.py
 
 .venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)
@@ -74,8 +80,9 @@ bench-sim: venv ## the simulation's smallest scenario against the real local sta
 bench-cube-worker: venv ## Cube's own refresh worker vs its model (bench/sim/cube_worker.py), statements per tick, 4 refresh key kinds (~5 min)
 	$(PY) -m bench.sim.cube_worker_check
 
-stack-start: venv ## start PostgreSQL, Cube, dynalite, moto server, Kafka and the event sources (idempotent)
-	$(PY) -m devstack start
+stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings given (CUBE_PREAGG_DEBOUNCE_MS=5000 ...) are kept until stack-stop; PRECISE=1: the partition-precise map, PRECISE=0: the default
+	$(call only_vars,PRECISE CUBE_% ENTITY_CUBE_MAP)
+	$(PY) -m devstack start $(if $(PRECISE),$(if $(filter 0 no false,$(PRECISE)),--no-precise,--precise))
 
 # stop and status need only the standard library: they work before .venv exists.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
@@ -83,8 +90,17 @@ STACK_PY = $(if $(wildcard $(PY)),$(PY),python3)
 stack-stop: ## stop the local stack (says what it stopped)
 	@$(STACK_PY) -m devstack stop
 
-stack-status: ## show each local service (a stopped stack is not an error)
+stack-status: ## show each local service and the function's settings (fails only when the stack is partly up)
 	@$(STACK_PY) -m devstack status
+
+deploy: venv ## sam build, the pre-deploy checks, sam deploy of samconfig.toml's ENV with FunctionDigest (ARGS="Name=Value ...", GUIDED=1)
+	@[ -n "$(ENV)" ] || { echo "make deploy: name a samconfig.toml environment: make deploy ENV=dev" >&2; exit 2; }
+	@[ -x .venv-sam/bin/sam ] || { echo "make deploy: no SAM CLI in .venv-sam yet: run make template once (it installs the pinned one)" >&2; exit 2; }
+	.venv-sam/bin/sam build
+	$(PY) -m preagg_cli.predeploy --config-env $(ENV) --deploy $(if $(GUIDED),--guided) $(ARGS)
+
+grafana: venv ## the Grafana dashboard (CloudWatch data source) as JSON, validated: build/grafana/preagg-refresh.json
+	$(PY) -m preagg_cli.grafana
 
 clean: ## remove build output and caches (keeps venvs and the stack)
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis

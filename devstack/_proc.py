@@ -1,5 +1,12 @@
 """Process, port and HTTP helpers for the dev stack: spawn detached services, find them again by
-PID (checking the command line, so a recycled PID is never mistaken for ours), stop them."""
+PID and start time (so a recycled PID is never mistaken for ours), stop them.
+
+Why the start time and not the command line: between the moment Popen returns (the kernel has
+released the parent from execve) and the moment the new program's arguments are set up,
+/proc/<pid>/cmdline reads empty. A check made right after a spawn (the start's own readiness loop, or
+`status` from another process) took a live service for dead there, failed the start and left the
+process running, untracked. The start time (field 22 of /proc/<pid>/stat) is set at fork, readable
+at once, and never changes (tests/unit/test_devstack_proc.py)."""
 
 from __future__ import annotations
 
@@ -61,6 +68,28 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces and parentheses): state is field 3.
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[22 - 3])
+    except (IndexError, ValueError):
+        return None
+
+
+def write_pid(pid_file: Path, pid: int) -> None:
+    """Record `pid` and its start time; written whole (a reader never sees a half-written file)."""
+    started = start_time(pid)
+    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
+    tmp.write_text(f"{pid} {started}\n" if started is not None else f"{pid}\n")
+    tmp.replace(pid_file)
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -69,19 +98,19 @@ def cmdline(pid: int) -> str:
 
 
 def read_pid(pid_file: Path, marker: str) -> int | None:
-    """The PID in `pid_file` if that process is alive and its command line contains `marker`."""
+    """The PID in `pid_file` if that very process is alive: same PID and same start time. A file
+    written by an older devstack holds only the PID: then its command line must contain `marker`."""
     try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
+        fields = pid_file.read_text().split()
+        pid = int(fields[0])
+        started = int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
         return None
-    child = _children.get(pid)
-    if child is not None and child.poll() is None:
-        # Our own running child (an unreaped PID cannot be recycled). The checks below once missed a
-        # Cube this process had just started: it was taken for dead and left running, untracked.
-        return pid
-    if pid_alive(pid) and marker in cmdline(pid):
-        return pid
-    return None
+    if not pid_alive(pid):
+        return None
+    if started is not None:
+        return pid if start_time(pid) == started else None
+    return pid if marker in cmdline(pid) else None
 
 
 def spawn(

@@ -29,7 +29,7 @@ from handler.domain.ports import CubeAnswer
 MIN_REBUILD_GAP_S = 1.2
 # The first build into a new tenant schema can race inside Cube (docs/cube-jobs-api.md, hazard d); it succeeds on retry.
 SCHEMA_RACE = "pg_namespace_nspname_index"
-_SAFE_SCHEMA = re.compile(r"^[a-z0-9_]+$")
+_SAFE_SCHEMA = re.compile(r"[a-z0-9_]+")  # fullmatch: `$` would also match before a trailing newline
 
 
 class CubeApiError(RuntimeError):
@@ -221,7 +221,7 @@ class CubeApi:
 
     def rollup_count(self, tenant_id: str, table: str, column: str = "users__count") -> int:
         schema = tenant_schema(tenant_id)
-        if not (_SAFE_SCHEMA.match(table) and _SAFE_SCHEMA.match(column)):
+        if not (_SAFE_SCHEMA.fullmatch(table) and _SAFE_SCHEMA.fullmatch(column)):
             raise ValueError(f"unexpected table/column name {table!r}/{column!r}")
         rows = self.stack.psql(f'SELECT coalesce(sum({column}), 0) FROM "{schema}"."{table}"')  # noqa: S608
         return int(rows[0][0] or 0)
@@ -231,7 +231,7 @@ class CubeApi:
 # `built` being the build time in epoch seconds written in base 32 (as observed on Cube 1.7.43; the
 # one-second resolution is why two builds of one partition within a second collide).
 _ROLLUP_TABLE = re.compile(
-    r"^(?P<preagg>[a-z0-9_]+?)(?P<partition>\d{8})?_(?P<content>[a-z0-9]+)_(?P<structure>[a-z0-9]+)_(?P<built>[a-z0-9]+)$"
+    r"(?P<preagg>[a-z0-9_]+?)(?P<partition>\d{8})?_(?P<content>[a-z0-9]+)_(?P<structure>[a-z0-9]+)_(?P<built>[a-z0-9]+)"
 )
 
 
@@ -247,7 +247,7 @@ class RollupTable:
 
     @classmethod
     def parse(cls, name: str) -> RollupTable | None:
-        match = _ROLLUP_TABLE.match(name)
+        match = _ROLLUP_TABLE.fullmatch(name)
         if match is None:
             return None
         return cls(name, match["preagg"], match["partition"] or "", match["content"], int(match["built"], 32))

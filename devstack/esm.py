@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from devstack import function as function_settings
 from devstack.template import EventSources, event_sources
 
 CLUSTER_ARN = "arn:aws:kafka:us-east-1:123456789012:cluster/local-devstack/00000000-0000-0000-0000-000000000000-1"
@@ -311,6 +312,7 @@ class Function:
         records = sum(len(v) for v in event["records"].values()) if source == "kafka" else len(event.get("Records", []))
         with self._lock:
             began = time.monotonic()
+            notes, verifying = self._read(event, source)
             try:
                 response: Mapping[str, Any] = self._app.handle(event, service=self.service)
                 error = None
@@ -321,6 +323,7 @@ class Function:
                 for outcome in self.service.outcomes
                 for key in outcome.keys
             ]
+            notes += [self._verified(target) for target in verifying]
             del self.service.outcomes[:]  # a long-lived process: keep nothing between invocations
             del self.service.recorder.calls[:]
             entry = {
@@ -331,18 +334,83 @@ class Function:
                 "failures": len(response.get("batchItemFailures") or []) if error is None else records,
                 "error": error,
                 "keys": keys,
+                "notes": notes,
+                "refs": [
+                    f"{r['topic']}-{r['partition']}@{r['offset']}"
+                    for group in event.get("records", {}).values()
+                    for r in group
+                ]
+                if source == "kafka"
+                else [],
             }
             with self.journal.open("a") as out:
                 out.write(json.dumps(entry) + "\n")
-        decided = ", ".join(f"{k['key']} {k['status']}" for k in keys) or "no keys"
+        decided = [
+            f"{k['key']} {k['status']}"
+            + (f" {k['detail']}" if k["status"] == "refreshed" and k["detail"] else "")
+            + (f" ({len(k['jobs'])} jobs)" if k["jobs"] else "")
+            for k in keys
+        ]
+        unit = "record(s)" if source == "kafka" else "message(s)"
         print(
-            f"{time.strftime('%H:%M:%S')} {source}: {records} record(s) -> "
-            + (f"function error {error}" if error else f"{entry['failures']} failed; {decided}"),
+            f"{time.strftime('%H:%M:%S')} {source}: {records} {unit} -> "
+            + (
+                f"function error {error}"
+                if error
+                else f"{entry['failures']} failed; " + ("; ".join(decided + notes) or "no keys")
+            ),
             flush=True,
         )
         if error:
             raise FunctionError(error)
         return response
+
+    def _read(self, event: Mapping[str, Any], source: str) -> tuple[list[str], list[Any]]:
+        """What the log line says beyond the keys decided: invalid records and unmapped entity types
+        (Kafka); the builds a verification message checks (SQS), looked up after the invocation."""
+        from handler.domain.decode import decode_msk_event, decode_queue_message  # noqa: PLC0415
+        from handler.domain.verify import RetriggerMessage, VerifyMessage  # noqa: PLC0415
+
+        notes: list[str] = []
+        verifying: list[Any] = []
+        if source == "kafka":
+            batch = decode_msk_event(event, now_ms=int(time.time() * 1000))
+            notes += [f"invalid {bad.ref.partition}@{bad.ref.offset}: {bad.reason}" for bad in batch.invalid]
+            routes = self.service.routes
+            for entity in sorted({m.entity_type for _, m in batch.mutations if not routes.targets_for(m.entity_type)}):
+                notes.append(
+                    f"unmapped entity type {entity}: acknowledged, nothing to refresh "
+                    f"(known: {', '.join(routes.entity_types())})"
+                )
+            return notes, verifying
+        for record in event.get("Records", []):
+            try:
+                message = decode_queue_message(record.get("body", ""))
+            except ValueError as exc:
+                notes.append(f"message {record.get('messageId')}: {exc}")
+                continue
+            if isinstance(message, VerifyMessage):
+                verifying += list(message.targets)
+            elif isinstance(message, RetriggerMessage):
+                targets = ", ".join(f"{message.tenant_id}#{t.target}" for t in message.targets)
+                notes.append(
+                    f"re-trigger {targets} (attempt {message.attempt}{', dead-lettered' * message.dead_lettered})"
+                )
+        return notes, verifying
+
+    def _verified(self, target: Any) -> str:
+        """One build a verification message checked, as the function recorded it."""
+        state = self.service.debouncer.store.get(target.key)
+        name = f"verify {target.key.pk}"
+        if state is None or state.build_started_at != target.started_at:
+            return f"{name}: not built yet, checked again later"
+        if state.build_status == "done":
+            return f"{name}: build done (freshness lag {(state.freshness_lag_ms or 0) / 1000:.1f} s)"
+        if state.build_status == "failed":
+            due = state.retrigger_due_at
+            when = f", re-trigger at {datetime.fromtimestamp(due / 1000, UTC):%H:%M:%S}" if due else ""
+            return f"{name}: build failed ({state.build_failure_class}: {state.build_error}){when}"
+        return f"{name}: {state.build_status}"
 
 
 def _run_kafka(
@@ -439,7 +507,9 @@ def main(argv: list[str]) -> int:
     environ = json.loads((state / "env.json").read_text())
     bootstrap = environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
     settings = event_sources(root / "template.yaml")
-    function_env = {k: v for k, v in environ.items() if k not in ("CUBE_API_SECRET", "PG_DSN")}
+    # The function's settings: what `make stack-start` recorded (.stack/function.json), and only that.
+    given = function_settings.recorded_environ(state)
+    function_env = {k: v for k, v in environ.items() if k not in ("CUBE_API_SECRET", "PG_DSN")} | given
     function = Function(function_env, state / "logs" / "invocations.jsonl")
     stop, ready = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -465,6 +535,7 @@ def main(argv: list[str]) -> int:
                 "pid": os.getpid(),
                 "kafka": f"{settings.topic} @ {bootstrap} (group {settings.consumer_group})" if bootstrap else None,
                 "sqs": environ["REFRESH_QUEUE_URL"],
+                "environ": given,
             }
         )
         + "\n"
@@ -473,7 +544,8 @@ def main(argv: list[str]) -> int:
         f"{time.strftime('%H:%M:%S')} event sources ready: kafka {settings.topic} (batch {settings.batch_size}, "
         f"window {settings.batching_window_s:g} s, retries {settings.maximum_retry_attempts}, "
         f"bisect {settings.bisect_on_function_error}, dead letters -> {settings.dead_letter_topic}); "
-        f"sqs {environ['REFRESH_QUEUE_URL']} (batch {settings.sqs_batch_size})",
+        f"sqs {environ['REFRESH_QUEUE_URL']} (batch {settings.sqs_batch_size}); function: "
+        + str(function_settings.recorded(state).get("summary", "defaults")),
         flush=True,
     )
     while not stop.wait(0.5):

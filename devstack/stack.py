@@ -9,6 +9,7 @@ SQS), each a process on a loopback port, with state under `<repo>/.stack/`:
     .stack/env.json, env.sh    what the Lambda code and the tests need to reach the stack
     .stack/kafka.json          the local Kafka endpoint's address (written by devstack.kafka)
     .stack/esm.json            written by devstack.esm once its Kafka consumer has partitions
+    .stack/function.json       the function's settings every local tool applies (devstack/function.py)
     .stack/logs/invocations.jsonl  one line per function invocation by the local event sources
 
 The event sources (`kafka`, then `esm`: a Kafka mock cluster and the local event source mappings,
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devstack import _proc
+from devstack import _proc, function
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -168,12 +169,18 @@ class Stack:
 
     # ---------------------------------------------------------------- public API
 
-    def start(self, timeout: float = 180.0, *, event_sources: bool = False) -> StackEnv:
+    def start(
+        self, timeout: float = 180.0, *, event_sources: bool = False, settings: Mapping[str, str] | None = None
+    ) -> StackEnv:
         """Start every service that is not running, wait until all answer, provision, return env.
-        `event_sources` also starts the local Kafka endpoint and the event source mappings."""
+        `event_sources` also starts the local Kafka endpoint and the event source mappings. `settings`
+        (the function's, e.g. {"CUBE_PREAGG_DEBOUNCE_MS": "5000"}) replace the recorded ones, and a
+        running esm with other settings is restarted; None keeps what is recorded."""
+        summary = function.validate(settings, self.root) if settings is not None else None
         with self._locked():
             deadline = time.monotonic() + timeout
             self._prepare()
+            self._record_settings(settings, summary)
             for name in SERVICES:
                 self._spawn(name)
             for name in SERVICES:
@@ -196,6 +203,7 @@ class Stack:
                 if self._pid(name) is not None:
                     stopped.append(name)
                 self._stop(name)
+        (self.state / function.FILE).unlink(missing_ok=True)  # the next start records its own
         if purge:
             if self.pg_dir.exists() and not self.pg_dir.is_relative_to(self.state):
                 shutil.rmtree(self.pg_dir.parent)
@@ -203,25 +211,42 @@ class Stack:
                 shutil.rmtree(self.state)
         return stopped
 
-    def start_service(self, name: str, timeout: float = 120.0) -> None:
-        """(Re)start one stopped service, e.g. Cube after a test stopped it."""
+    def start_service(self, name: str, timeout: float = 120.0, *, settings: Mapping[str, str] | None = None) -> None:
+        """(Re)start one stopped service, e.g. Cube after a test stopped it. `settings` as for start()."""
         self._check_name(name)
+        summary = function.validate(settings, self.root) if settings is not None else None
         with self._locked():
             self._prepare()
+            self._record_settings(settings, summary)
             self._spawn(name)
-            try:
-                self._wait_ready(name, time.monotonic() + timeout)
-            except ServiceExited as error:
-                # Seen on CI runs (esm, and Cube restarted by a test): the new process was taken for
-                # dead before its first line; the error now says how it ended. One more start, said
-                # on stderr; a second death fails.
-                print(f"devstack: {str(error).splitlines()[0]}", file=sys.stderr)
-                print(f"devstack: starting {name} once more", file=sys.stderr)
-                self._spawn(name)
-                self._wait_ready(name, time.monotonic() + timeout)
+            self._wait_ready(name, time.monotonic() + timeout)
             if name in SERVICES:
                 self._after_ready(name)
             self._write_env()
+
+    def set_function_settings(self, settings: Mapping[str, str]) -> str:
+        """Record the function's settings (validated) without starting anything; the summary."""
+        summary = function.validate(settings, self.root)
+        with self._locked():
+            self.state.mkdir(parents=True, exist_ok=True)
+            function.record(self.state, settings, summary)
+        return summary
+
+    def function_settings(self) -> dict[str, Any]:
+        """`{"environ": {...}, "summary": "..."}`: the function's settings every local tool applies."""
+        return function.recorded(self.state)
+
+    def _record_settings(self, settings: Mapping[str, str] | None, summary: str | None) -> None:
+        """Record `settings` (None: keep the record; record the defaults when there is none). A running
+        esm whose settings differ from the record is stopped, to be started again with them."""
+        if settings is None:
+            if function.recorded(self.state):
+                return
+            settings, summary = {}, function.validate({}, self.root)
+        function.record(self.state, settings, summary or "")
+        if self._pid("esm") is not None and self._read_state("esm").get("environ") != dict(settings):
+            print("devstack: restarting esm: the function's settings changed", file=sys.stderr)
+            self._stop("esm")
 
     def stop_service(self, name: str) -> None:
         self._check_name(name)
@@ -436,6 +461,8 @@ class Stack:
     def _launch(self, name: str, port: int) -> tuple[list[str], Path, dict[str, str]]:
         env = dict(os.environ)
         if name in EVENT_SERVICES:
+            for setting in function.names():  # the esm applies .stack/function.json, nothing inherited
+                env.pop(setting, None)
             env["PYTHONPATH"] = os.pathsep.join([str(self.root / "src"), str(self.root)])
             env["PYTHONUNBUFFERED"] = "1"
             (self.state / f"{name}.json").unlink(missing_ok=True)
@@ -490,7 +517,7 @@ class Stack:
             return  # already running: reuse (readiness is checked next)
         if name in EVENT_SERVICES:
             argv, cwd, env = self._launch(name, 0)
-            self._pid_file(name).write_text(f"{_proc.spawn(argv, cwd=cwd, env=env, log=self._log(name))}\n")
+            _proc.write_pid(self._pid_file(name), _proc.spawn(argv, cwd=cwd, env=env, log=self._log(name)))
             return
         port = self._ports()[name]
         if _proc.port_open(port):
@@ -501,7 +528,7 @@ class Stack:
         argv, cwd, env = self._launch(name, port)
         user = self._pg_user() if name == "postgres" else None
         pid = _proc.spawn(argv, cwd=cwd, env=env, log=self._log(name), user=user)
-        self._pid_file(name).write_text(f"{pid}\n")
+        _proc.write_pid(self._pid_file(name), pid)
 
     def _answers(self, name: str, port: int) -> bool:
         if name in EVENT_SERVICES:
@@ -538,8 +565,8 @@ class Stack:
 
     def _spawned_exit_code(self, name: str) -> int | None:
         try:
-            return _proc.exit_code(int(self._pid_file(name).read_text().strip()))
-        except (OSError, ValueError):
+            return _proc.exit_code(int(self._pid_file(name).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
             return None
 
     def _fail(self, name: str, message: str, error: type[StackError] = StackError) -> None:
@@ -702,7 +729,8 @@ class Stack:
         return env
 
 
-# A process is ours only if its command line contains this (guards against recycled PIDs).
+# PID files written by an older devstack hold no start time: such a process is ours only if its
+# command line contains this.
 _MARKERS = {
     "postgres": "postgres",
     "moto": "moto_server",

@@ -57,7 +57,7 @@ log "$("$SAM" --version)  /  checkov $("$CHECKOV" --version)"
 #    template's constraints; the constraints agree with the ranges AWS documents (boundary probes);
 #    the trailing queue follows AWS's SQS guidance. sam validate looks at none of this.
 log "parameters: samconfig overrides, defaults, AWS ranges, trailing queue"
-.venv-sam/bin/python scripts/check_parameters.py "$TEMPLATE" samconfig.toml
+PYTHONPATH=src:. .venv-sam/bin/python scripts/check_parameters.py "$TEMPLATE" samconfig.toml
 
 # 1. Translator validation: catches unknown or misspelled event properties and missing required
 #    ones (cfn-lint 1.58 does not look inside MSK event properties, docs/msk-event-source.md). samconfig.toml
@@ -116,32 +116,32 @@ pycs = list(pkg.rglob("*.pyc"))
 wrong = [p for p in pycs if not p.name.endswith(f".{tag}.pyc") or p.read_bytes()[:4] != importlib.util.MAGIC_NUMBER]
 sources = [p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts]
 missing = [s for s in sources if not (s.parent / "__pycache__" / f"{s.stem}.{tag}.pyc").exists()]
+# Each .pyc names its source as Lambda will see it (src/Makefile): a build-folder path would make two
+# builds of the same tree differ, and with them the function digest (docs/deploy.md section 3).
+import marshal
+leaked = [p for p in pycs if not marshal.loads(p.read_bytes()[16:]).co_filename.startswith("/var/task/")]
+for p in leaked[:5]:
+    print(f"FAIL: {p.relative_to(pkg)} records a build path, not /var/task/...", file=sys.stderr)
 for p in wrong[:5]:
     print(f"FAIL: {p.relative_to(pkg)} is not {tag} bytecode (magic {p.read_bytes()[:4].hex()}, want {importlib.util.MAGIC_NUMBER.hex()})", file=sys.stderr)
 for s in missing[:5]:
     print(f"FAIL: {s.relative_to(pkg)} ships without {tag} bytecode", file=sys.stderr)
-if wrong or missing or not pycs:
-    sys.exit(f"FAIL: {len(wrong)} .pyc files of another Python, {len(missing)} of {len(sources)} modules without bytecode")
-print(f"{len(pycs)} .pyc files, all {tag} (magic {importlib.util.MAGIC_NUMBER.hex()}), for all {len(sources)} modules")
+if wrong or missing or leaked or not pycs:
+    sys.exit(f"FAIL: {len(wrong)} .pyc files of another Python, {len(missing)} of {len(sources)} modules without bytecode, {len(leaked)} with a build path")
+print(f"{len(pycs)} .pyc files, all {tag} (magic {importlib.util.MAGIC_NUMBER.hex()}) under /var/task, for all {len(sources)} modules")
 PY
   [[ ! -e "$pkg/Makefile" ]] || { echo "FAIL: the build Makefile leaked into the package" >&2; exit 1; }
   echo "built package: $(du -sh "$pkg" | cut -f1)"
 fi
 
-# 3b. The dashboard body is a JSON string inside !Sub: nothing above parses it, CloudFormation only
-#     would, at deploy time. Substitute every ${...} with a placeholder and parse it here.
-log "dashboard body is valid JSON"
-.venv/bin/python - "$TEMPLATE" <<'PY'
-import json, re, sys
-from pathlib import Path
-sys.path.insert(0, ".")
-from devstack.template import load_template
-body = load_template(Path(sys.argv[1]))["Resources"]["Dashboard"]["Properties"]["DashboardBody"]
-text = body["Fn::Sub"] if isinstance(body, dict) else body
-text = text[0] if isinstance(text, list) else text
-widgets = json.loads(re.sub(r"\$\{[^}]+\}", "1", text))["widgets"]
-print(f"{len(widgets)} widgets")
-PY
+# 3b. What CloudFormation receives: SAM's translator output for every value of the parameters that switch
+#     branches, and for parameter-only changes (tests/template, on this venv's translator): no empty IAM
+#     policy, no reference to a resource a condition removed, no Fn::Select out of range (CloudFormation
+#     evaluates untaken Fn::If branches too), the dashboard body valid JSON listing every alarm, a new
+#     version for a parameter-only change, docs/deploy.md section 7's steps. Only the template's own
+#     tests run here, with the translator SAM CLI pins.
+log "translated template: every branch, parameter-only changes, the mapping procedure (tests/template)"
+.venv-sam/bin/python -m pytest tests/template -q -p no:cacheprovider
 
 # 4. checkov: zero failed checks; the only accepted exceptions are inline skips in the template
 #    (Metadata.checkov.skip with a comment saying why). checkov drops resources whose Condition is
@@ -187,5 +187,13 @@ log "sam validate + --lint (KafkaSource=self-managed)"
 "$SAM" validate --template-file "$SELF_MANAGED" --config-file "$EMPTY_CONFIG"
 "$SAM" validate --lint --template-file "$SELF_MANAGED"
 run_checkov "$SELF_MANAGED" "$TEMPLATE, KafkaSource=self-managed"
+
+# 6. Without the Kafka mapping (KafkaMappingEnabled=false, docs/deploy.md section 7's middle step): cfn-lint
+#    checks that nothing refers to the mapping or its alarms outside their condition; checkov sees that stack.
+NO_MAPPING="$(variant no-mapping KafkaMappingEnabled '"false"')"
+log "sam validate + --lint (KafkaMappingEnabled=false)"
+"$SAM" validate --template-file "$NO_MAPPING" --config-file "$EMPTY_CONFIG"
+"$SAM" validate --lint --template-file "$NO_MAPPING"
+run_checkov "$NO_MAPPING" "$TEMPLATE, KafkaMappingEnabled=false"
 
 log "all template checks passed"

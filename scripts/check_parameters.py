@@ -9,8 +9,11 @@ Python, which has samtranslator to read the template's short-form tags).
    rejects a value Lambda accepts hides a real option.
 3. The trailing queue's settings per function timeout follow AWS's guidance for SQS event sources:
    visibility timeout >= 6 x function timeout, maxReceiveCount >= 5.
+4. Every samconfig.toml environment passes what `make deploy` checks before deploying (the template's
+   Rules, MinimumPollers <= MaximumPollers; preagg_cli.predeploy) and sets no FunctionDigest, which
+   `make deploy` computes for every deploy.
 
-Usage: python scripts/check_parameters.py template.yaml samconfig.toml
+Usage: PYTHONPATH=src:. python scripts/check_parameters.py template.yaml samconfig.toml
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import re
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from samtranslator.yaml_helper import yaml_parse
+
+from preagg_cli.predeploy import ConfigError, parameter_problems, read_config
 
 
 def violations(spec: dict[str, Any], value: str) -> list[str]:
@@ -149,6 +155,23 @@ def check_trailing_queue(template: dict[str, Any]) -> list[str]:
     return errors
 
 
+def check_environments(template: dict[str, Any], config_path: str, config: dict[str, Any]) -> list[str]:
+    errors = []
+    for env, commands in config.items():
+        # Only the environments that set parameters ([dev], [prod]); [default] holds shared CLI settings.
+        if not isinstance(commands, dict) or "parameter_overrides" not in commands.get("deploy", {}).get("parameters", {}):
+            continue
+        try:
+            deploy = read_config(Path(config_path), env)
+        except ConfigError as exc:
+            errors.append(f"[{env}] {exc}")
+            continue
+        if "FunctionDigest" in deploy.parameters:
+            errors.append(f"[{env}] FunctionDigest: computed by `make deploy` for every deploy, never set in samconfig.toml")
+        errors += [f"[{env}] {line}" for line in parameter_problems(deploy, template)]
+    return errors
+
+
 def main(argv: list[str]) -> int:
     with open(argv[1]) as f:
         template = yaml_parse(f.read())
@@ -158,7 +181,7 @@ def main(argv: list[str]) -> int:
     checked, errors = check_overrides(params, config)
     errors += check_defaults(params)
     probes, range_errors = check_aws_ranges(params)
-    errors += range_errors + check_trailing_queue(template)
+    errors += range_errors + check_trailing_queue(template) + check_environments(template, argv[2], config)
     print(f"{checked} samconfig overrides, {len(params)} defaults, {probes} AWS range probes checked")
     if errors:
         print("\n".join(f"FAIL: {e}" for e in errors), file=sys.stderr)

@@ -99,7 +99,7 @@ class Rig:
     def __post_init__(self) -> None:
         self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms)
         self.verifier = BuildVerifier(
-            self.store, self.jobs, self.build_queue, self.telemetry, self.clock, self.build_timeout_ms
+            self.store, self.jobs, self.build_queue, self.telemetry, self.clock, self.build_timeout_ms, self.map_io
         )
         self.service = RefreshService(
             self.routes,

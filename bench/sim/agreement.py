@@ -273,9 +273,10 @@ def _play_through_event_sources(
     before = stack.status()
     stack.stop_service("esm")
     stack.stop_service("kafka")  # a fresh topic and consumer group
-    os.environ["CUBE_PREAGG_DEBOUNCE_MS"] = str(int(sc.window_s * 1000))  # the esm process inherits it
+    previous = stack.function_settings().get("environ", {})
     stack.start_service("kafka")
-    stack.start_service("esm")
+    # The esm takes the function's settings from the stack's record (.stack/function.json), not its environment.
+    stack.start_service("esm", settings={"CUBE_PREAGG_DEBOUNCE_MS": str(int(sc.window_s * 1000))})
     try:
         env = stack.env()
         store = build_service(load_settings(), CountingTelemetry()).debouncer.store
@@ -322,10 +323,10 @@ def _play_through_event_sources(
         }
     finally:
         stack.stop_service("esm")
+        stack.set_function_settings(previous)
         if not before["kafka"].up:
             stack.stop_service("kafka")
-        if before["esm"].up:  # a developer's event sources: back, with their environment
-            os.environ.pop("CUBE_PREAGG_DEBOUNCE_MS", None)
+        if before["esm"].up:  # a developer's event sources: back, with their settings
             stack.start_service("esm")
 
 

@@ -158,6 +158,13 @@ class CountingStore(InMemoryDebounceStore):
         self.meter.add("verify_writes", key.tenant_id)
         return super().record_jobs(key, started_at=started_at, tokens=tokens)
 
+    def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
+        origin = (started_at - DAY0_MS) / 1000
+        self.meter.add("ddb_writes", key.tenant_id, origin=origin)
+        self.meter.add("verify_writes", key.tenant_id, origin=origin)
+        self.meter.key_write(key, self.clock.ms)
+        return super().record_part(key, started_at=started_at, part=part)
+
     def get(self, key: RefreshKey) -> KeyState | None:
         self.meter.add("ddb_reads", key.tenant_id)
         return super().get(key)

@@ -155,11 +155,12 @@ def handle_trailing(
     verify: list[tuple[RecordRef, VerifyMessage]] = []
     retrigger: list[tuple[RecordRef, RetriggerMessage]] = []
     failed: set[RecordRef] = set()
+    now = svc.clock.now_ms()
     for index, record in enumerate(records):
         ref = RecordRef("sqs", index)
         ids[ref] = message_ids[index]
         try:
-            message = decode_queue_message(record.get("body", ""))
+            message = decode_queue_message(record.get("body", ""), routes=svc.routes, now_ms=now)
         except ValueError as exc:
             logger.warning("invalid queue message", extra={"message_id": ids[ref], "error": str(exc)})
             failed.add(ref)
@@ -171,6 +172,7 @@ def handle_trailing(
         else:
             trailing.append((ref, message))
     deadline = _deadline(context)
+    handled = Outcome()  # one "batch handled" line per invocation, whatever kinds of message it held
     for outcome in (
         svc.process_trailing(trailing, deadline_ms=deadline),
         svc.process_retrigger(retrigger, deadline_ms=deadline) if retrigger else None,
@@ -178,7 +180,8 @@ def handle_trailing(
     ):
         if outcome is not None:
             failed |= outcome.failed
-            _log_outcome(outcome, len(records), len(failed))
+            handled.keys += outcome.keys
+    _log_outcome(handled, len(records), len(failed))
     return {"batchItemFailures": [{"itemIdentifier": ids[ref]} for ref in sorted(failed, key=lambda r: r.offset)]}
 
 

@@ -25,7 +25,7 @@ class OperationRequest(BaseModel):
 
     operation: Literal["refresh", "stats", "clear", "jobs"]
     tenant_id: Annotated[TenantId | None, Field(alias="tenantId")] = None
-    entity_type: Annotated[str | None, Field(alias="entityType", min_length=1)] = None
+    entity_type: Annotated[str | None, Field(alias="entityType", min_length=1, max_length=256)] = None
     cubes: list[TargetName] | None = None
     force: bool = False
 
@@ -114,6 +114,10 @@ def run_operation(
             store.delete(key)
         return {"ok": True, "operation": "clear", "cleared": [k.pk.split("#", 1)[1] for k in doomed]}
 
+    unmapped = [t for t in targets if not service.routes.covers(t)]
+    if unmapped:  # its trailing, verify and retrigger messages would be refused as not this function's
+        known = ", ".join(service.routes.cubes())
+        raise OperationError(f"not a cube of ENTITY_CUBE_MAP: {', '.join(unmapped)} (its cubes: {known})")
     outcome = service.refresh_now(request.tenant_id, targets, force=request.force, deadline_ms=deadline_ms)
     keys = [
         {"target": k.key.target, "status": k.status, "detail": k.detail, "jobs": list(k.job_tokens)}
@@ -155,7 +159,14 @@ def _jobs(tenant_id: str, cubes: list[str] | None, service: RefreshService, dead
                     "table": "" if foreign or job is None else job.table,
                 }
             )
-        keys.append({"target": key.target, "refreshStartedAt": _iso(state.jobs_started_at), "jobs": listed})
+        keys.append(
+            {
+                "target": key.target,
+                **({"partition": key.partition} if key.partition else {}),
+                "refreshStartedAt": _iso(state.jobs_started_at),
+                "jobs": listed,
+            }
+        )
     return {"ok": True, "operation": "jobs", "tenantId": tenant_id, "keys": keys}
 
 

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         for name in zones:
             try:
                 zone(name)  # partitions are computed in local time: the zone must be known here too
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, OSError):  # OSError: a directory of the tz database (`Europe`)
                 raise ValueError(f"unknown time zone {name!r}: use an IANA name such as Europe/Paris") from None
         return zones
 

@@ -73,8 +73,9 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         retries=settings.retry_attempts,
         http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
+    map_io = ThreadMap(IO_THREADS)
     debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms)
-    verifier = BuildVerifier(store, cube, build_queue, telemetry, clock, settings.build_timeout_ms)
+    verifier = BuildVerifier(store, cube, build_queue, telemetry, clock, settings.build_timeout_ms, map_io=map_io)
     return RefreshService(
         settings.entity_cube_map,
         debouncer,
@@ -82,7 +83,7 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         telemetry,
         clock,
         settings.cube_timezones,
-        map_io=ThreadMap(IO_THREADS),
+        map_io=map_io,
         verifier=verifier,
         max_selectors=settings.max_selectors,
     )

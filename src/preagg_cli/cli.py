@@ -1,9 +1,10 @@
 """Operator CLI `preagg-refresh`: refresh now, debounce stats, clear debounce state, replay failed records,
-and (local stack only) produce mutations to the local Kafka topic.
+and (local stack only) produce mutations to the local Kafka topic and query what Cube serves.
 
 Targets: `--stack NAME` (a deployed stack, found through its CloudFormation outputs; operations run in
 the function through lambda:InvokeFunction) or `--local` (the local stack of `make stack-start`,
-operations run in this process against it; the default when `.stack/env.json` exists).
+operations run in this process against it; the default when `.stack/env.json` exists in the working
+directory, a parent, or the checkout this CLI is installed from).
 Exit codes: 0 success, 1 an operation or record failed, 2 usage or configuration error.
 See docs/operations.md.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import difflib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from handler.domain.routing import EntityCubeMap
 from preagg_cli import replay
+from preagg_cli.localstack import LocalStack, LocalStackError, quiet_kafka_logger
 
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_FILE = Path(".stack") / "env.json"
+# The checkout this CLI is installed from (`pip install -e .`, what `make venv` does).
+INSTALLED_ROOT = Path(__file__).resolve().parents[2]
 STACK_OUTPUTS = ("FunctionName", "DebounceTableName", "TrailingQueueUrl", "DeadLetterBucketName")
 TOPIC = "core.entities.lifecycle.mutated"
 DEAD_LETTER_TOPIC = f"{TOPIC}.dlt"
@@ -59,12 +64,14 @@ class Target:
     s3: Callable[[], S3Client]
     dead_letter_bucket: str | None = None
     kafka: str | None = None  # the local stack's Kafka endpoint ("" when it is not running)
+    local: LocalStack | None = None  # local-stack-only features (query, lag, journal); None when deployed
 
 
 def find_env_file(start: Path | None = None) -> Path | None:
-    """`.stack/env.json` in the working directory or one of its parents."""
+    """`.stack/env.json` in the working directory or one of its parents, else in the checkout this
+    CLI is installed from (`pip install -e .`, what `make venv` does): the CLI works from any folder."""
     here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
+    for directory in (here, *here.parents, INSTALLED_ROOT):
         candidate = directory / ENV_FILE
         if candidate.is_file():
             return candidate
@@ -80,6 +87,11 @@ def local_target(env_file: Path) -> Target:
         raise UsageError(f"{env_file} is not a JSON object: restart the local stack with `make stack-start`")
     log_file = env_file.parent / "logs" / "cli-function.log"
     os.environ.update({str(k): str(v) for k, v in env.items()})
+    # The function's settings are the ones the local stack recorded (.stack/function.json), so a
+    # refresh here debounces with the window the local event sources use; none from this shell.
+    from devstack import function as function_settings  # noqa: PLC0415 - dev-only, installed with the CLI
+
+    function_settings.apply(env_file.parent, os.environ)
     os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "preagg-refresh")
     os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
@@ -119,7 +131,10 @@ def local_target(env_file: Path) -> Target:
 
         return boto3.client("s3")
 
-    return Target(f"local stack ({env_file})", invoke, routes, s3, kafka=str(env.get("KAFKA_BOOTSTRAP_SERVERS", "")))
+    local = LocalStack(env_file.parent.parent, {str(k): str(v) for k, v in env.items()})
+    return Target(
+        f"local stack ({env_file})", invoke, routes, s3, kafka=str(env.get("KAFKA_BOOTSTRAP_SERVERS", "")), local=local
+    )
 
 
 def stack_outputs(stack: str, cfn: Any = None) -> dict[str, str]:
@@ -251,11 +266,14 @@ class ProgressBar:
 def _when(iso: str | None, now: datetime) -> str:
     if not iso:
         return "-"
-    moment = datetime.fromisoformat(iso)
-    seconds = int((moment - now).total_seconds())
-    relative = f"in {seconds}s" if seconds >= 0 else f"{-seconds}s ago"
-    if abs(seconds) >= 3600:
-        relative = f"in {seconds // 3600}h" if seconds >= 0 else f"{-seconds // 3600}h ago"
+    moment = datetime.fromtimestamp(datetime.fromisoformat(iso).timestamp(), tz=UTC)
+    seconds = (moment - now).total_seconds()
+    if abs(seconds) < 1:
+        relative = "just now"
+    elif abs(seconds) >= 3600:
+        relative = f"in {int(seconds // 3600)}h" if seconds > 0 else f"{int(-seconds // 3600)}h ago"
+    else:
+        relative = f"in {round(seconds)}s" if seconds > 0 else f"{round(-seconds)}s ago"
     return f"{moment.strftime('%Y-%m-%d %H:%M:%S')}Z ({relative})"
 
 
@@ -265,7 +283,27 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
-def _hint_for(detail: str) -> str:
+# Cube's 400 for a selector naming no cube or pre-aggregation of the tenant's data model.
+NO_MATCH = "doesn't match any of the pre-aggregations"
+
+
+def _hint_for(detail: str, target: str = "", known: Sequence[str] = ()) -> str:
+    if detail.startswith("client") and NO_MATCH in detail:
+        if not known:
+            return f"no cube or pre-aggregation named {target!r} in the tenant's data model (names are case-sensitive)"
+        close = difflib.get_close_matches(target, known, n=1, cutoff=0.5) or [
+            k for k in known if k.lower() == target.lower()
+        ]
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        return (
+            f"no cube or pre-aggregation named {target!r} (names are case-sensitive): "
+            f"{guess}Cube has {', '.join(known)}"
+        )
+    if "pg_namespace_nspname_index" in detail:
+        return (
+            "Cube's first build into this tenant's schema raced another one (Cube creates the schema while "
+            "building; docs/cube-jobs-api.md, hazard d): run the same command again"
+        )
     if detail.startswith("client"):
         return (
             "Cube refused the request: check the cube names exist in the tenant's data model and that "
@@ -286,7 +324,8 @@ def _epochs_to_iso(text: str) -> str:
     return re.sub(r"(?<!\d)\d{13}(?!\d)", iso, text)
 
 
-def print_refresh(result: Mapping[str, Any], out: TextIO) -> None:
+def print_refresh(result: Mapping[str, Any], out: TextIO, known: Callable[[], Sequence[str]] = tuple) -> None:
+    """`known`: the cubes and pre-aggregations Cube has (local stack), asked only for a misnamed target."""
     print(f"tenant {result.get('tenantId')}{' (forced)' if result.get('force') else ''}:", file=out)
     for key in result.get("keys", []):
         status, detail = key["status"], _epochs_to_iso(key.get("detail") or "")
@@ -296,7 +335,8 @@ def print_refresh(result: Mapping[str, Any], out: TextIO) -> None:
             line = f"debounced: refreshed within the window; {detail or 'trailing refresh pending'}"
             line += " (use --force to refresh now)"
         else:
-            line = f"{status}: {detail}\n      what to check: {_hint_for(detail)}"
+            names = known() if NO_MATCH in detail else ()
+            line = f"{status}: {detail}\n      what to check: {_hint_for(detail, key['target'], names)}"
         print(f"  {key['target']:<32} {line}", file=out)
 
 
@@ -314,7 +354,7 @@ def print_stats(result: Mapping[str, Any], out: TextIO, now: datetime) -> None:
         rows.append(
             [
                 key["tenantId"],
-                key["target"] + (f" {key['partition']}" if key.get("partition") else ""),
+                _name(key),
                 last,
                 _when(key.get("windowEndsAt"), now),
                 pending,
@@ -337,7 +377,13 @@ def describe_build(build: Mapping[str, Any] | None, now: datetime) -> str:
         return f"last built {_when(build.get('seenAt'), now)}{lag_text}"
     if build.get("status") == "nothing_to_build":
         return f"nothing to build {_when(build.get('seenAt'), now)} (no partition in range, or no such pre-aggregation)"
-    reason = f"{build.get('failureClass')}: {build.get('error')}" if build.get("error") else build.get("failureClass")
+    failure_class, error = build.get("failureClass"), build.get("error")
+    # Cube's text for a failed build already starts with its class ("failure: column ... does not exist").
+    reason = (
+        (error if str(error).startswith(f"{failure_class}:") else f"{failure_class}: {error}")
+        if error
+        else failure_class
+    )
     failures, most = build.get("failures") or 0, build.get("maxRetriggers") or 0
     if build.get("status") == "dead_lettered":
         return f"build failed: {reason} (dead-lettered after {most} re-triggers)"
@@ -354,7 +400,7 @@ def print_jobs(result: Mapping[str, Any], out: TextIO) -> None:
     rows = [["TARGET", "REFRESH STARTED", "JOB", "STATUS", "TABLE"]]
     for key in keys:
         for job in key.get("jobs", []):
-            rows.append([key["target"], key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
+            rows.append([_name(key), key.get("refreshStartedAt") or "-", job["token"], job["status"], job["table"]])
     _table(rows, out)
 
 
@@ -405,24 +451,31 @@ def cmd_refresh(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         payload["cubes"] = args.cube
     else:
         payload["entityType"] = args.entity_type
-    result = _run(target, payload, args, out, lambda r: print_refresh(r, out))
+    local = target.local
+    known = (lambda: local.known_targets(args.tenant)) if local is not None else tuple
+    result = _run(target, payload, args, out, lambda r: print_refresh(r, out, known))
     return EXIT_OK if result.get("ok") else EXIT_FAILED
 
 
-def cmd_stats(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+def cmd_stats(args: argparse.Namespace, target: Target, out: TextIO, err: TextIO) -> int:
     payload: dict[str, Any] = {"operation": "stats"}
     if args.tenant:
         payload["tenantId"] = args.tenant
     if args.cube:
         payload["cubes"] = args.cube
-    _run(target, payload, args, out, lambda r: print_stats(r, out, datetime.now(tz=UTC)))
-    return EXIT_OK
+    if args.wait:
+        _wait(target, args, err, lambda: _unsettled(_operation(target, payload)))
+    result = _run(target, payload, args, out, lambda r: print_stats(r, out, datetime.now(tz=UTC)))
+    dead = [k for k in result.get("keys", []) if (k.get("lastBuild") or {}).get("status") == "dead_lettered"]
+    return EXIT_FAILED if args.wait and dead else EXIT_OK
 
 
-def cmd_jobs(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+def cmd_jobs(args: argparse.Namespace, target: Target, out: TextIO, err: TextIO) -> int:
     payload: dict[str, Any] = {"operation": "jobs", "tenantId": args.tenant}
     if args.cube:
         payload["cubes"] = args.cube
+    if args.wait:
+        _wait(target, args, err, lambda: _unfinished(target, payload))
     result = target.invoke(payload)
     if result.get("ok") is False:
         raise OperationFailed(f"Cube's job states could not be read: {result.get('error')}")
@@ -431,6 +484,79 @@ def cmd_jobs(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     else:
         print_jobs(result, out)
     return EXIT_OK
+
+
+# -- waiting (stats --wait, jobs --wait) -----------------------------------------------------------
+# A job is finished when Cube reports one of these (or `failure: ...`).
+FINISHED = ("done", "not_found", "missing_partition", "(another tenant's job)")
+
+
+def _unsettled(result: Mapping[str, Any]) -> list[str]:
+    """Why the keys of a stats result are not settled yet: a trailing refresh pending, the newest
+    refresh's build not verified yet, a failed build with its re-trigger to come."""
+    waiting = []
+    for key in result.get("keys", []):
+        name = f"{key['tenantId']}#{key['target']}" + (f"#{key['partition']}" if key.get("partition") else "")
+        trailing, build = key.get("trailingRefresh"), key.get("lastBuild") or {}
+        if trailing:
+            waiting.append(f"{name}: trailing refresh {trailing['state']}, due {trailing.get('dueAt')}")
+        elif build.get("refreshStartedAt") != key.get("lastRefreshStartedAt"):
+            waiting.append(
+                f"{name}: the build of the refresh started {key.get('lastRefreshStartedAt')} not verified yet"
+            )
+        elif build.get("status") == "failed":
+            waiting.append(
+                f"{name}: build failed ({build.get('failureClass')}), re-trigger due {build.get('retriggerDueAt')}"
+            )
+    return waiting
+
+
+def _unfinished(target: Target, payload: Mapping[str, Any]) -> list[str]:
+    """Jobs of each key's newest refresh Cube has not finished, or the function has not verified."""
+    jobs = target.invoke(dict(payload))
+    if jobs.get("ok") is False:
+        raise OperationFailed(f"Cube's job states could not be read: {jobs.get('error')}")
+    stats = _operation(target, {**payload, "operation": "stats"})
+    verified = {_name(k): (k.get("lastBuild") or {}).get("refreshStartedAt") for k in stats.get("keys", [])}
+    # A trailing refresh still to come will post newer jobs: wait for those.
+    waiting = [
+        f"{_name(k)}: trailing refresh {k['trailingRefresh']['state']}, due {k['trailingRefresh'].get('dueAt')}"
+        for k in stats.get("keys", [])
+        if k.get("trailingRefresh")
+    ]
+    for key in jobs.get("keys", []):
+        running = [
+            j for j in key.get("jobs", []) if j["status"] not in FINISHED and not j["status"].startswith("failure")
+        ]
+        if running:
+            waiting.append(f"{_name(key)}: {len(running)} job(s) {running[0]['status']}")
+        elif verified.get(_name(key)) != key.get("refreshStartedAt"):
+            waiting.append(f"{_name(key)}: jobs finished, the function has not verified them yet")
+    return waiting
+
+
+def _name(key: Mapping[str, Any]) -> str:
+    """A key's target, with its partition when it has one (`Users.dailyStatusCounts 2025-10-01..2025-10-31`)."""
+    return str(key["target"]) + (f" {key['partition']}" if key.get("partition") else "")
+
+
+def _wait(target: Target, args: argparse.Namespace, err: TextIO, pending: Callable[[], list[str]]) -> None:
+    """Until `pending()` is empty (on the local stack: first until its event sources have handled
+    every record on the topic); OperationFailed naming what is still pending after --timeout."""
+    deadline = time.monotonic() + args.timeout
+    if target.local is not None and target.kafka:
+        try:
+            target.local.wait_caught_up(args.timeout)
+        except LocalStackError as exc:
+            raise OperationFailed(str(exc)) from None
+    said: list[str] = []
+    while waiting := pending():
+        if time.monotonic() > deadline:
+            raise OperationFailed(f"still waiting after {args.timeout:g} s: {'; '.join(waiting)}")
+        if waiting != said:
+            print(f"waiting: {'; '.join(waiting)}", file=err)
+            said = waiting
+        time.sleep(0.5)
 
 
 def cmd_clear(args: argparse.Namespace, target: Target, out: TextIO, stdin: TextIO, err: TextIO) -> int:
@@ -536,13 +662,15 @@ def _produce_values(args: argparse.Namespace, stdin: TextIO) -> list[tuple[bytes
     from preagg_cli import local  # noqa: PLC0415
 
     if args.tenant:
-        mutation = {
+        mutation: dict[str, Any] = {
             "eventType": args.event_type,
             "entityType": args.entity_type,
             "entityId": args.entity_id or f"local-{uuid.uuid4().hex[:8]}",
             "tenantId": args.tenant,
             "timestamp": int(time.time() * 1000),
         }
+        if args.time_hint:
+            mutation["timeHints"] = _time_hints(args.time_hint, args.event_type)
         return [(args.tenant.encode(), json.dumps(mutation).encode(), [])]
     if args.file:
         try:
@@ -561,6 +689,8 @@ def _produce_values(args: argparse.Namespace, stdin: TextIO) -> list[tuple[bytes
         records = replay.read_file(args.event)
     except replay.ReplayInputError as exc:
         raise UsageError(str(exc)) from None
+    # The sample events carry fixed timestamps: freshness counts from now, as for a mutation made now.
+    local.restamp({"records": {"all": records}}, int(time.time() * 1000))
 
     def raw(b64: Any) -> bytes | None:
         if b64 is None:
@@ -580,11 +710,77 @@ def _produce_values(args: argparse.Namespace, stdin: TextIO) -> list[tuple[bytes
     ]
 
 
-def cmd_produce(args: argparse.Namespace, target: Target, out: TextIO, stdin: TextIO) -> int:
+def _time_hints(hints: Sequence[str], event_type: str) -> dict[str, dict[str, str]]:
+    """`--time-hint createdAt=2025-10-15T12:00:00Z`: the row's unchanged value (`old` and `new`); a
+    create has only `new`, a delete only `old` (README: the mutation event)."""
+    out: dict[str, dict[str, str]] = {}
+    for hint in hints:
+        field, sep, value = hint.partition("=")
+        if not (sep and field and value):
+            raise UsageError(f"--time-hint {hint!r}: write FIELD=TIME, e.g. --time-hint createdAt=2025-10-15T12:00:00Z")
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--time-hint {hint!r}: {value!r} is not an ISO-8601 time") from None
+        sides = {"ENTITY_CREATED": ("new",), "ENTITY_DELETED": ("old",)}.get(event_type, ("old", "new"))
+        out[field] = dict.fromkeys(sides, value)
+    return out
+
+
+def _warn_unmapped(values: Sequence[tuple[bytes | None, bytes | None, list[Any]]], target: Target, err: TextIO) -> None:
+    """A typo in an entity type passes Kafka and the function silently (acknowledged, refreshes
+    nothing): say so before producing."""
+    routes = target.routes()
+    unmapped = set()
+    for _, value, _ in values:
+        try:
+            entity = json.loads(value or b"null").get("entityType")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(entity, str) and not routes.targets_for(entity):
+            unmapped.add(entity)
+    for entity in sorted(unmapped):
+        known = ", ".join(routes.entity_types())
+        print(
+            f"note: entity type {entity!r} maps to no cube (known: {known}): the function acknowledges it "
+            "and refreshes nothing",
+            file=err,
+        )
+
+
+def _report_handled(target: Target, delivered: Sequence[str], began: float, out: TextIO) -> None:
+    """What the local function did with the produced records (the esm's journal)."""
+    local = target.local
+    if local is None:
+        return
+    try:
+        local.wait_caught_up(30.0)
+    except LocalStackError as exc:
+        raise OperationFailed(str(exc)) from None
+    wanted = set(delivered)
+    entries = [entry for entry in local.invocations() if wanted & set(entry.get("refs") or ())]
+    for entry in entries[:1] + entries[1:][-1:]:  # the first invocation, and the last retry if any
+        decided = [f"{k['key']} {k['status']}" for k in entry.get("keys", [])]
+        print(
+            f"handled by the function ({entry.get('records')} record(s), {entry.get('failures')} failed): "
+            + ("; ".join(decided + list(entry.get("notes") or ())) or "no keys"),
+            file=out,
+        )
+    if len(entries) > 1 and entries[-1].get("failures"):
+        print(
+            f"reported failed in {len(entries)} invocations (the first and {len(entries) - 1} retries), then sent "
+            f"to the dead-letter topic {DEAD_LETTER_TOPIC}: `preagg-refresh replay --dlt --dry-run`",
+            file=out,
+        )
+    print(f"(the local event sources had handled them {time.monotonic() - began:.1f} s after producing)", file=out)
+
+
+def cmd_produce(args: argparse.Namespace, target: Target, out: TextIO, stdin: TextIO, err: TextIO) -> int:
     bootstrap = _local_kafka(target)
     values = _produce_values(args, stdin)
     if not values:
         raise UsageError("nothing to produce: the input holds no records")
+    _warn_unmapped(values, target, err)
     from confluent_kafka import KafkaException, Producer  # noqa: PLC0415 - a dev dependency
 
     delivered: list[str] = []
@@ -596,7 +792,8 @@ def cmd_produce(args: argparse.Namespace, target: Target, out: TextIO, stdin: Te
         else:
             delivered.append(f"{message.topic()}-{message.partition()}@{message.offset()}")
 
-    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "message.timeout.ms": 10000})
+    producer = Producer({"bootstrap.servers": bootstrap, "logger": quiet_kafka_logger(), "message.timeout.ms": 10000})
+    began = time.monotonic()
     try:
         for key, value, headers in values:
             producer.produce(args.topic, value=value, key=key, headers=headers, on_delivery=report)
@@ -609,8 +806,58 @@ def cmd_produce(args: argparse.Namespace, target: Target, out: TextIO, stdin: Te
         problem = errors[0] if errors else f"{left} record(s) not delivered in 15 s"
         raise OperationFailed(f"producing to {args.topic} at {bootstrap} failed: {problem}. `make stack-status`")
     print(f"produced {len(delivered)} record(s) to {args.topic} at {bootstrap}: {', '.join(delivered)}", file=out)
-    print("the local event source mapping delivers them to the function: tail -f .stack/logs/esm.log", file=out)
+    if args.wait:
+        _report_handled(target, delivered, began, out)
+    else:
+        print("the local event source mapping delivers them to the function: tail -f .stack/logs/esm.log", file=out)
     return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    if target.local is None:
+        raise UsageError(
+            "query reads Cube with a token signed by the local stack's secret: local stack only "
+            "(deployed: use your Cube's own API or Playground)"
+        )
+    if args.query:
+        try:
+            query = json.loads(args.query)
+        except ValueError as exc:
+            raise UsageError(f'--query is not JSON ({exc}): e.g. --query \'{{"measures": ["Users.count"]}}\'') from None
+    else:
+        query = {
+            "measures": args.measure or ["Users.count"],
+            **({"dimensions": args.dimension} if args.dimension else {}),
+        }
+    try:
+        answer = target.local.load(args.tenant, query)
+    except LocalStackError as exc:
+        raise OperationFailed(str(exc)) from None
+    if args.json:
+        print(json.dumps(answer, indent=2), file=out)
+        return EXIT_OK
+    print_served(args.tenant, answer, out, datetime.now(tz=UTC))
+    return EXIT_OK
+
+
+def print_served(tenant: str, answer: Mapping[str, Any], out: TextIO, now: datetime) -> None:
+    """Cube's rows, then which rollup answered and when it was built."""
+    rows = answer.get("data") or []
+    if len(rows) == 1 and len(rows[0]) == 1:
+        ((name, value),) = rows[0].items()
+        print(f"{tenant}: {name} = {value}", file=out)
+    elif rows:
+        columns = list(rows[0])
+        _table([columns, *[[str(row.get(c)) for c in columns] for row in rows]], out)
+    else:
+        print(f"{tenant}: no rows", file=out)
+    for info in (answer.get("usedPreAggregations") or {}).values():
+        if isinstance(info, dict):
+            built = info.get("lastUpdatedAt")
+            when = _when(datetime.fromtimestamp(built / 1000, tz=UTC).isoformat(), now) if built else "-"
+            print(f"served from {info.get('preAggregationId') or info.get('targetTableName')}, built {when}", file=out)
+    if not answer.get("usedPreAggregations"):
+        print("served from the source tables (no rollup matched the query)", file=out)
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -644,10 +891,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--tenant")
     stats.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
+    _add_wait(
+        stats, "the keys are settled: no trailing refresh or re-trigger to come, the newest refresh's build verified"
+    )
 
-    jobs = sub.add_parser("jobs", parents=[common], help="show live Cube job states of a tenant's latest refreshes")
+    jobs = sub.add_parser(
+        "jobs", parents=[common], allow_abbrev=False, help="show live Cube job states of a tenant's latest refreshes"
+    )
     jobs.add_argument("--tenant", required=True)
     jobs.add_argument("--cube", action="append", help="only this cube or pre-aggregation id (repeatable)")
+    _add_wait(jobs, "Cube has finished each key's newest jobs (done or failed) and the function has verified them")
 
     clear = sub.add_parser(
         "clear", parents=[common], allow_abbrev=False, help="delete debounce state of a tenant (or some cubes)"
@@ -667,6 +920,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--skip-invalid", action="store_true", help="invalid records do not make the exit code 1")
     rep.add_argument("--batch-size", type=int, default=replay.BATCH_RECORDS, help=argparse.SUPPRESS)
 
+    _add_produce(sub, common)
+    _add_query(sub, common)
+    return parser
+
+
+def _add_wait(parser: argparse.ArgumentParser, until: str) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"first wait until {until} (local stack: and its event sources have caught up with the topic)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
+
+
+def _add_produce(sub: Any, common: argparse.ArgumentParser) -> None:
     produce = sub.add_parser(
         "produce",
         parents=[common],
@@ -681,9 +949,78 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--event", metavar="EVENT.json", help="the records of an MSK event file, e.g. events/*.json")
     produce.add_argument("--entity-type", default="User", help="with --tenant (default User)")
     produce.add_argument("--entity-id", help="with --tenant (default: a new id)")
-    produce.add_argument("--event-type", default="entity.updated", help="with --tenant (default entity.updated)")
+    produce.add_argument(
+        "--event-type",
+        default="ENTITY_UPDATED",
+        help="with --tenant: ENTITY_CREATED, ENTITY_UPDATED (default) or ENTITY_DELETED",
+    )
+    produce.add_argument(
+        "--time-hint",
+        action="append",
+        metavar="FIELD=TIME",
+        help="with --tenant: the row's time field (timeHints), e.g. createdAt=2025-10-15T12:00:00Z (repeatable)",
+    )
+    produce.add_argument(
+        "--wait", action="store_true", help="wait until the local event sources have handled them; print the outcome"
+    )
     produce.add_argument("--topic", default=TOPIC, help=argparse.SUPPRESS)
-    return parser
+
+
+def _add_query(sub: Any, common: argparse.ArgumentParser) -> None:
+    query = sub.add_parser(
+        "query",
+        parents=[common],
+        allow_abbrev=False,
+        help="what Cube serves for a tenant (local stack only)",
+        description="Ask the local Cube's /v1/load for a tenant, with a token signed by the stack's secret, "
+        'waiting out Cube\'s "Continue wait" answers; prints the value and the rollup that answered.',
+    )
+    query.add_argument("--tenant", required=True)
+    query.add_argument("--measure", action="append", help="default Users.count (repeatable)")
+    query.add_argument("--dimension", action="append", help="e.g. Users.status (repeatable)")
+    query.add_argument("--query", metavar="JSON", help="a whole Cube query instead of --measure/--dimension")
+
+
+def _unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """A message for the first option the chosen command does not have (argparse would otherwise
+    report it from the top-level parser, or hide it behind a missing required option)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    words = list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    sub = commands.choices.get(command) if command else None
+    if sub is None:
+        return None
+    known = sub._option_string_actions
+    takes_value = False
+    for word in words[words.index(str(command)) + 1 :]:
+        if takes_value:
+            takes_value = False
+            continue
+        if not word.startswith("-") or word == "-":
+            continue
+        name = word.split("=", 1)[0]
+        action = known.get(name)
+        if action is None:
+            close = difflib.get_close_matches(name, [o for o in known if o.startswith("--")], n=1, cutoff=0.6)
+            guess = f"; did you mean {close[0]}?" if close else ""
+            return f"preagg-refresh {command} has no option {name}{guess} (see `preagg-refresh {command} --help`)"
+        takes_value = action.nargs != 0 and "=" not in word
+    return None
+
+
+# The local services each command needs (produce only needs the topic and the event sources that read
+# it: a mutation produced while Cube is down is retried, then dead-lettered, as deployed).
+CORE = ("postgres", "moto", "dynalite", "cube")
+
+
+def _needs(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.command == "produce":
+        return ("kafka", "esm")
+    if args.command == "query":
+        return ("cube",)
+    if args.command == "replay" and args.dlt:
+        return ("kafka",) if args.dry_run else (*CORE, "kafka")
+    return CORE
 
 
 def main(
@@ -697,8 +1034,13 @@ def main(
     """Console script entry. `target` and the streams are injectable for tests."""
     out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_option(parser, words)
+    if unknown:
+        print(f"error: {unknown}", file=err)
+        return EXIT_USAGE
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # argparse printed the usage error
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     if args.command == "replay" and not 1 <= args.batch_size <= replay.BATCH_RECORDS:
@@ -706,18 +1048,23 @@ def main(
         return EXIT_USAGE
     try:
         resolved = target or resolve_target(args)
+        if resolved.local is not None:
+            # One line and exit 2 when what the command needs is down, before any client retries.
+            resolved.local.require(_needs(args))
         if args.command == "refresh":
             return cmd_refresh(args, resolved, out)
         if args.command == "stats":
-            return cmd_stats(args, resolved, out)
+            return cmd_stats(args, resolved, out, err)
         if args.command == "jobs":
-            return cmd_jobs(args, resolved, out)
+            return cmd_jobs(args, resolved, out, err)
         if args.command == "clear":
             return cmd_clear(args, resolved, out, inp, err)
         if args.command == "produce":
-            return cmd_produce(args, resolved, out, inp)
+            return cmd_produce(args, resolved, out, inp, err)
+        if args.command == "query":
+            return cmd_query(args, resolved, out)
         return cmd_replay(args, resolved, out)
-    except UsageError as exc:
+    except (UsageError, LocalStackError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
     except OperationFailed as exc:

@@ -51,8 +51,8 @@ def build_msk_event(
     timestamp_ms: int = 1_795_953_600_000,
 ) -> dict[str, Any]:
     """An MSK event as Lambda delivers it. `values` are mutation objects (JSON-encoded and base64'd),
-    raw strings (used as the record value as they are, to build bad records) or None (a tombstone).
-    Records are spread over partitions by tenant, as a producer keyed by tenant would."""
+    strings (the record's `value` field as it is: base64, or not, to build bad records) or None (a
+    tombstone). Records are spread over partitions by tenant, as a producer keyed by tenant would."""
     groups: dict[str, list[dict[str, Any]]] = {}
     offsets = [start_offset] * partitions
     for index, value in enumerate(values):
@@ -168,6 +168,38 @@ def _load_event(path: str) -> dict[str, Any]:
     return dict(event)
 
 
+def restamp(event: dict[str, Any], now: int) -> int:
+    """The sample events carry fixed timestamps (2026-11-29): give each well-formed mutation the
+    current time, so the freshness lag the function measures counts from now, not from that day. Bad
+    records are left as they are. Returns how many were restamped."""
+    changed = 0
+    for records in (event.get("records") or {}).values():
+        for record in records if isinstance(records, list) else []:
+            try:
+                value = json.loads(base64.b64decode(record.get("value") or "", validate=True))
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, dict) and _is_time(value.get("timestamp")):
+                value["timestamp"] = now
+                record["value"] = base64.b64encode(json.dumps(value).encode()).decode()
+                changed += 1
+    return changed
+
+
+def _is_time(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def _stack_environ() -> dict[str, str]:
     """The local stack's environment; InputError when it is not running."""
     from devstack import SERVICES, Stack, StackError  # noqa: PLC0415 (dev-only, not in the Lambda package)
@@ -180,6 +212,10 @@ def _stack_environ() -> dict[str, str]:
     down = [name for name, status in stack.status().items() if name in SERVICES and not status.up]
     if down:
         raise InputError(f"the local stack is not running ({', '.join(down)} down): start it with `make stack-start`")
+    # The function's settings are the ones the stack recorded (what its event sources run with).
+    from devstack import function  # noqa: PLC0415
+
+    function.apply(stack.state, os.environ)
     # The function reads its secret from Secrets Manager; the raw value stays out of its env.
     return {k: v for k, v in environ.items() if k not in {"CUBE_API_SECRET", "PG_DSN"}}
 
@@ -244,6 +280,7 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
     stopped stack."""
     event = _load_event(path)
     kind = event_kind(event)
+    restamped = restamp(event, int(time.time() * 1000)) if kind == "msk" else 0
     if use_stack:
         os.environ.update(_stack_environ())
     for name, value in LOCAL_DEFAULTS.items():
@@ -287,6 +324,8 @@ def invoke(path: str, *, use_stack: bool, out: TextIO) -> int:
         except Exception as exc:
             where = "; is the local stack up? `make stack-status`" if use_stack else ""
             raise InputError(f"the handler failed: {type(exc).__name__}: {exc}{where}") from None
+    if restamped:
+        print(f"(the timestamps of {restamped} mutation(s) set to now: the sample files carry fixed ones)", file=out)
     print("Lambda response:", file=out)
     print(json.dumps(response, indent=2), file=out)
     if kind == "sqs":
@@ -341,9 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(
                     "no mutations on stdin: pipe JSON lines in, e.g. `make-event -o FILE < mutations.jsonl`"
                 )
-            event = build_msk_event(
-                values, partitions=args.partitions, topic=args.topic, start_offset=args.start_offset
-            )
+            # A JSON string line is the raw record value (base64'd as Lambda delivers it): `"%%% not json"`
+            # makes a `not_json` record, as `preagg-refresh produce --file` publishes it.
+            raw = [base64.b64encode(v.encode()).decode() if isinstance(v, str) else v for v in values]
+            event = build_msk_event(raw, partitions=args.partitions, topic=args.topic, start_offset=args.start_offset)
             text = json.dumps(event, indent=2) + "\n"
             if args.output:
                 _write_atomically(args.output, text)

@@ -359,7 +359,11 @@ def read_kafka(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Kafk
     is an on-failure envelope is unwrapped to the record it carries."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition  # noqa: PLC0415
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "preagg-refresh-replay", "log_level": 3})
+    from preagg_cli.localstack import quiet_kafka_logger  # noqa: PLC0415
+
+    # librdkafka's own log would print every refused connection: errors come back as exceptions.
+    config = {"bootstrap.servers": bootstrap, "group.id": "preagg-refresh-replay", "logger": quiet_kafka_logger()}
+    consumer = Consumer(config)
     try:
         try:
             metadata = consumer.list_topics(topic, timeout=timeout_s)

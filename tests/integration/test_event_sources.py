@@ -4,8 +4,8 @@ by a trailing refresh that the local SQS event source delivers; a record that ke
 the dead-letter topic with its payload and `preagg-refresh replay --dlt` brings it back.
 
 The event sources run as the stack's `kafka` and `esm` processes; this module starts them with a
-3 s debounce window and no Cube retries inside an invocation (settings the stack leaves to the
-environment the function inherits)."""
+3 s debounce window and no Cube retries inside an invocation (recorded as the function's settings,
+as `make stack-start` records them)."""
 
 from __future__ import annotations
 
@@ -33,24 +33,18 @@ def event_sources(stack: Stack, warm_tenants: None) -> Iterator[StackEnv]:
     before = stack.status()
     stack.stop_service("esm")
     stack.stop_service("kafka")  # fresh topics: nothing left on the dead-letter topic from earlier runs
-    # The function's settings the stack leaves to the environment: a short window, and no retries
-    # inside an invocation (the mapping's 10 retries of a Cube-down record then take seconds, not 30).
-    overrides = {"CUBE_PREAGG_DEBOUNCE_MS": str(WINDOW_MS), "CUBE_PREAGG_RETRY_ATTEMPTS": "0"}
-    previous = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
-    try:
-        stack.start_service("kafka")
-        stack.start_service("esm")
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+    # The function's settings for these tests (recorded for the esm, as `make stack-start` does): a short
+    # window, and no retries inside an invocation (the mapping's 10 retries of a Cube-down record then
+    # take seconds, not 30). A developer's own settings are recorded again afterwards.
+    previous = stack.function_settings().get("environ", {})
+    settings = {"CUBE_PREAGG_DEBOUNCE_MS": str(WINDOW_MS), "CUBE_PREAGG_RETRY_ATTEMPTS": "0"}
+    stack.start_service("kafka")
+    stack.start_service("esm", settings=settings)
     try:
         yield stack.env()
     finally:
         stack.stop_service("esm")
+        stack.set_function_settings(previous)
         if not before["kafka"].up:
             stack.stop_service("kafka")
         # The session's `stack` fixture resumes a developer's esm (with their settings) at the end.

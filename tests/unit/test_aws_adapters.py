@@ -93,3 +93,19 @@ def test_lambda_handler_emits_emf_metrics_and_never_logs_the_payload(monkeypatch
     assert sorted(doc["Cube"] for doc in by_cube) == ["Groups", "Tenants", "Users"]
     assert all(doc["RefreshesByCube"] == [3.0] and doc["service"] == "preagg-refresh" for doc in by_cube)
     assert "user-0" not in out  # entity ids (payload) are not logged
+
+
+def test_lambda_handler_emits_events_and_refreshes_by_entity_type_as_emf(monkeypatch, capsys):
+    rig = Rig(telemetry=app.telemetry)
+    monkeypatch.setattr(app, "_service", lambda: rig.service)
+    monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
+    app.lambda_handler(load_event("burst-3-tenants.json"), Context())  # 12 User, 12 Tenant, 12 Group mutations
+    emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    typed = [doc for doc in emf if "EntityType" in doc]
+    by_type = {(doc["EntityType"], name): doc[name] for doc in typed for name in doc if "By" in name}
+    assert by_type == {
+        **{(t, "EventsByEntityType"): [12.0] for t in ("User", "Tenant", "Group")},
+        **{(t, "RefreshesByEntityType"): [3.0] for t in ("User", "Tenant", "Group")},  # one key per tenant
+    }
+    dims = [d["Dimensions"] for doc in emf if "EntityType" in doc for d in doc["_aws"]["CloudWatchMetrics"]]
+    assert all(sorted(ds[0]) == ["EntityType", "service"] for ds in dims)

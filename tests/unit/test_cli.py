@@ -299,6 +299,7 @@ def test_replay_s3_empty_prefix_is_a_usage_error():
 # -- targets -------------------------------------------------------------------------------------
 def test_no_local_stack_and_no_stack_exits_2_with_a_hint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "INSTALLED_ROOT", tmp_path)  # no stack in the checkout either
     code, _, err = run(["stats"])
     assert code == 2
     assert "run `make stack-start` or pass --stack NAME" in err
@@ -308,12 +309,17 @@ def test_local_target_sets_the_stack_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))
     env_file = tmp_path / ".stack" / "env.json"
     env_file.parent.mkdir()
-    env_file.write_text(json.dumps({"DEBOUNCE_TABLE_NAME": "local-table", "ENTITY_CUBE_MAP": '{"Order": ["Orders"]}'}))
+    env_file.write_text(json.dumps({"DEBOUNCE_TABLE_NAME": "local-table"}))
+    # The function's settings: what the stack recorded (`make stack-start`), not this shell's.
+    recorded = {"environ": {"ENTITY_CUBE_MAP": '{"Order": ["Orders"]}'}, "summary": ""}
+    (env_file.parent / "function.json").write_text(json.dumps(recorded))
+    os.environ["CUBE_PREAGG_DEBOUNCE_MS"] = "1234"
     monkeypatch.chdir(tmp_path / ".stack")
     assert cli.find_env_file() == env_file.resolve()
     target = cli.local_target(env_file)
     assert os.environ["DEBOUNCE_TABLE_NAME"] == "local-table"
     assert target.routes().targets_for("Order") == ("Orders",)
+    assert "CUBE_PREAGG_DEBOUNCE_MS" not in os.environ  # the default, as in the local event sources
 
 
 _TEMPLATE = {
@@ -473,7 +479,7 @@ def test_stats_shows_a_failed_build_and_its_next_retrigger():
     run(["refresh", "--tenant", "tenant-1", "--cube", "Users"], target)
     _verified(rig, "failure: permission denied for table users")
     _, out, _ = run(["stats", "--tenant", "tenant-1"], target)
-    assert "build failed: failure: failure: permission denied for table users (re-trigger 1/5 due" in out
+    assert "build failed: failure: permission denied for table users (re-trigger 1/5 due" in out
 
 
 def test_stats_shows_a_key_cube_had_nothing_to_build_for():

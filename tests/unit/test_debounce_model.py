@@ -376,7 +376,7 @@ class Sim:
                     self.covers[key].append(self.now)
                 else:
                     self.unexpected.append(f"selector {body} does not cover {key.pk}")
-            answers.append([f"job-{k.target}" for k in selector.keys])
+            answers.append([f"job-{k.target.replace('.', '_')}" for k in selector.keys])
         self.pause(self.rng.randint(*CUBE_POST))
         return answers
 

@@ -94,7 +94,7 @@ class SelectorCube:
                 return httpx.Response(
                     400, json={"error": "A user's selector doesn't match any of the pre-aggregations"}
                 )
-            return httpx.Response(200, json=[f"job-{p}" for p in selector["preAggregations"]])
+            return httpx.Response(200, json=[f"job-{p.replace('.', '_')}" for p in selector["preAggregations"]])
         self.users_builds += selector["cubes"].count("Users")
         return httpx.Response(200, json=[f"job-{c}" for c in selector["cubes"]])
 

@@ -19,7 +19,8 @@ def test_make_event_builds_an_msk_event_from_json_lines(monkeypatch, capsys):
     assert all(key.startswith("core.entities.lifecycle.mutated-") for key in event["records"])
     batch = decode_msk_event(event, now_ms=now_ms())
     assert [m.tenant_id for _, m in batch.mutations] == ["tenant-1", "tenant-2"]
-    assert sorted(b.reason for b in batch.invalid) == ["bad_base64", "null_value"]
+    # A JSON string line is the raw record value (README), not the base64 field: `"%%%"` is not JSON.
+    assert sorted(b.reason for b in batch.invalid) == ["not_json", "null_value"]
 
 
 def test_make_event_offsets_are_consecutive_per_partition():

@@ -175,3 +175,38 @@ def test_service_trailing_refreshes_with_no_time_left_are_reported_without_any_w
     )
     assert outcome.failed == {RecordRef("sqs", i) for i in range(len(due))}
     assert (rig.store.writes, len(rig.cube.requests)) == (writes, requests)
+
+
+# -- by entity type (issue 18, item 20: the Grafana view) --------------------------------------------------------
+def by_entity_type(rig: Rig, name: str) -> dict[str, int]:
+    prefix = f"{name}[EntityType="
+    return {k[len(prefix) : -1]: v for k, v in rig.telemetry.counts.items() if k.startswith(prefix)}
+
+
+def test_service_counts_events_and_refreshes_by_mapped_entity_type_only():
+    rig = Rig()
+    values = [mutation(entity_type="User", entity_id=f"u{i}") for i in range(3)] + [
+        mutation(entity_type="Group"),
+        mutation(entity_type="Invoice"),  # unmapped: a tenant's typo must not become a metric dimension
+    ]
+    run(rig, values)
+    assert by_entity_type(rig, "EventsByEntityType") == {"User": 3, "Group": 1}
+    assert by_entity_type(rig, "RefreshesByEntityType") == {"User": 1, "Group": 1}  # one key each was refreshed
+
+
+def test_service_debounced_keys_are_events_by_entity_type_but_not_refreshes():
+    rig = Rig()
+    run(rig, [mutation(entity_type="User")])
+    rig.clock.advance(1_000)
+    run(rig, [mutation(entity_type="User", entity_id="u2")])  # inside the window: debounced
+    assert by_entity_type(rig, "EventsByEntityType") == {"User": 2}
+    assert by_entity_type(rig, "RefreshesByEntityType") == {"User": 1}
+    assert rig.telemetry.counts["Debounced"] == 1
+
+
+def test_service_failed_refresh_is_not_counted_as_a_refresh_of_its_entity_type():
+    rig = Rig()
+    rig.cube.failures.append(CubeRejected("Cube rejected the request (403): Invalid token", status=403))
+    run(rig, [mutation(entity_type="User")])
+    assert by_entity_type(rig, "EventsByEntityType") == {"User": 1}
+    assert by_entity_type(rig, "RefreshesByEntityType") == {}

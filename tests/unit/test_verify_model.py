@@ -19,7 +19,12 @@ check's (tests/unit/test_debounce_model.py). Checks per schedule:
     refresh started after t, or by a dead letter (alarm) for that key sent after t;
 (b) the queue drains: no verification or re-trigger loops (bounded events);
 (c) no re-trigger beyond the MAX_RETRIGGERS-th in a row (a crash or a duplicate may repeat one, with
-    the same attempt number, which the debounce absorbs).
+    the same attempt number, which the debounce absorbs);
+(d) each failed build is counted once toward the budget, whatever the deliveries: the refreshes
+    that descend from the re-triggers of one failed build (directly, or through the trailing refresh
+    a re-trigger scheduled) include at most one counted failure, plus one per crash on that path.
+    So a key is dead-lettered only after MAX_RETRIGGERS + 1 distinct failed builds, never after
+    copies of one that duplicate deliveries made (issue 19, item 12b).
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ class World:
     crashes: int = 0
     duplicates: int = 0
     lags: list[int] = field(default_factory=list)
+    # (d): which failed build a refresh descends from. A cause is (key, start of the failed refresh).
+    causes: dict[RefreshKey, tuple[RefreshKey, int]] = field(default_factory=dict)  # of the invocation running
+    verifying: dict[RefreshKey, int] = field(default_factory=dict)  # the verify message being settled
+    retrigger_origin: dict[int, dict[RefreshKey, tuple[RefreshKey, int]]] = field(default_factory=dict)
+    trailing_cause: dict[str, tuple[RefreshKey, int]] = field(default_factory=dict)
+    post_cause: dict[tuple[RefreshKey, int], tuple[RefreshKey, int]] = field(default_factory=dict)
+    counted_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
+    crashes_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
+    keep: list[Any] = field(default_factory=list)  # messages whose id() keys retrigger_origin
 
     def now_ms(self) -> int:
         return self.now
@@ -114,6 +128,8 @@ class World:
         for selector in selectors:
             tokens = []
             for key in selector.keys:
+                if key in self.causes:
+                    self.post_cause[(key, self.now)] = self.causes[key]
                 token = f"j{next(self.token_seq)}"
                 lo, hi = self.spec.broken.get(tenant_id, (0, 0))
                 outcome = "failure" if lo <= self.now < hi else "done"
@@ -152,6 +168,10 @@ class SimStore(InMemoryDebounceStore):
         if ok and record.status == "done":
             self.world.built[key].append(record.started_at)
             self.world.lags.append(record.freshness_lag_ms or 0)
+        if ok and record.status in {"failed", "dead_lettered"}:
+            cause = self.world.post_cause.get((key, record.started_at))
+            if cause is not None:
+                self.world.counted_by_cause[cause] += 1
         self.world.maybe_crash("after record")
         return ok
 
@@ -171,10 +191,19 @@ class SimQueue:
             self.world.push(at + self.world.rng.randint(0, 1_500), "message", message)
 
     def schedule(self, message: TrailingMessage, *, now: int) -> None:
+        if message.key in self.world.causes:
+            self.world.trailing_cause[message.token] = self.world.causes[message.key]
         self._deliver(message, message.due_at, now)
 
     def send(self, message: BuildMessage, *, due_at: int, now: int) -> None:
         self.world.maybe_crash("before send")
+        if isinstance(message, RetriggerMessage):  # it re-builds the failed refreshes being settled
+            self.world.keep.append(message)
+            self.world.retrigger_origin[id(message)] = {
+                key: (key, self.world.verifying[key])
+                for key, _ in message.refresh_keys()
+                if key in self.world.verifying
+            }
         self._deliver(message, due_at, now)
         if isinstance(message, RetriggerMessage):  # its attempt: consecutive failures of its keys
             self.world.max_retriggers_in_a_row = max(self.world.max_retriggers_in_a_row, message.attempt)
@@ -225,13 +254,18 @@ def simulate(spec: Spec, max_events: int = 20_000) -> Verdict:
                     {"eventType": "U", "entityType": "User", "entityId": f"e{i}", "tenantId": tenant, "timestamp": t}
                 )
                 outcome = service.process_mutations([(RecordRef("msk", i), mutation)], deadline_ms=deadline)
+                state = store.items.get(RefreshKey(tenant, "Users"))
+                if state is not None and state.trailing_token is not None:  # the mutation joined it: the
+                    world.trailing_cause.pop(state.trailing_token, None)  # trailing refresh is its own too
                 if outcome.failed:
                     world.push(world.now + REDELIVERY_MS, kind, payload)
                 else:
                     accepted.append((RefreshKey(tenant, "Users"), t))
             else:
                 ref = RecordRef("sqs", 0)
+                world.causes, world.verifying = _causes(world, payload), {}
                 if isinstance(payload, VerifyMessage):
+                    world.verifying = {t.key: t.started_at for t in payload.targets}
                     outcome = service.process_verify([(ref, payload)], deadline_ms=deadline)
                 elif isinstance(payload, RetriggerMessage):
                     outcome = service.process_retrigger([(ref, payload)], deadline_ms=deadline)
@@ -240,7 +274,10 @@ def simulate(spec: Spec, max_events: int = 20_000) -> Verdict:
                 if outcome.failed:
                     world.push(world.now + REDELIVERY_MS, kind, payload)
         except Crash:
+            for cause in set(world.causes.values()):
+                world.crashes_by_cause[cause] += 1
             world.push(world.now + REDELIVERY_MS, kind, payload)
+        world.causes = {}
 
     violations = []
     for key, t in accepted:
@@ -250,7 +287,22 @@ def simulate(spec: Spec, max_events: int = 20_000) -> Verdict:
             violations.append(f"{key.pk}: mutation at {t} neither built nor dead-lettered")
     if world.max_retriggers_in_a_row > MAX_RETRIGGERS:
         violations.append(f"{world.max_retriggers_in_a_row} re-triggers in a row (max {MAX_RETRIGGERS})")
+    for (key, failed_at), counted in world.counted_by_cause.items():
+        if counted > 1 + world.crashes_by_cause[(key, failed_at)]:
+            violations.append(
+                f"{key.pk}: the build that failed at {failed_at} was re-built and counted {counted} times"
+            )
     return Verdict(violations, not world.events, world)
+
+
+def _causes(world: World, payload: Any) -> dict[RefreshKey, tuple[RefreshKey, int]]:
+    """The failed builds a message re-builds: a re-trigger's (as sent), or a trailing refresh's that a
+    re-trigger scheduled."""
+    if isinstance(payload, RetriggerMessage):
+        return dict(world.retrigger_origin.get(id(payload), {}))
+    if isinstance(payload, TrailingMessage) and payload.token in world.trailing_cause:
+        return {payload.key: world.trailing_cause[payload.token]}
+    return {}
 
 
 @st.composite
@@ -288,6 +340,8 @@ def _record(verdict: Verdict) -> None:
             "cube_gets": 0,
             "max_retriggers_in_a_row": 0,
             "worst_freshness_lag_ms": 0,
+            "failed_builds_retriggered": 0,
+            "max_counted_rebuilds_of_one_failed_build": 0,
         },
     )
     totals["schedules"] += 1
@@ -300,6 +354,10 @@ def _record(verdict: Verdict) -> None:
     totals["cube_gets"] += w.cube_gets
     totals["max_retriggers_in_a_row"] = max(totals["max_retriggers_in_a_row"], w.max_retriggers_in_a_row)
     totals["worst_freshness_lag_ms"] = max(totals["worst_freshness_lag_ms"], max(w.lags, default=0))
+    totals["failed_builds_retriggered"] += len(w.retrigger_origin)
+    totals["max_counted_rebuilds_of_one_failed_build"] = max(
+        totals["max_counted_rebuilds_of_one_failed_build"], max(w.counted_by_cause.values(), default=0)
+    )
 
 
 @settings(
@@ -327,6 +385,18 @@ def test_verify_model_checker_catches_a_verifier_that_ignores_failures() -> None
     finally:
         BuildVerifier._fail = original  # type: ignore[method-assign]
     assert verdict.violations
+
+
+def test_verify_model_checker_catches_a_duplicate_retrigger_that_builds_again() -> None:
+    """Check (d) can fail: re-triggers that never look for a newer refresh (every delivery of one goes
+    through the debounce) re-build a failed build twice under duplicate deliveries (issue 19, 12b)."""
+    original = BuildVerifier.still_due
+    BuildVerifier.still_due = lambda self, message: message.refresh_keys()  # type: ignore[method-assign]
+    try:
+        verdict = simulate(Spec(2, 2, {"t1": (0, 30_000)}, (), 0.0, 0.0, 0.5))
+    finally:
+        BuildVerifier.still_due = original  # type: ignore[method-assign]
+    assert any("re-built and counted 2 times" in v for v in verdict.violations), verdict.violations
 
 
 def test_verify_model_summary() -> None:

@@ -13,6 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from handler.domain.decode import trailing_body
 from handler.domain.errors import SchedulerUnavailable
 from handler.domain.ports import BuildMessage, TrailingMessage
+from handler.domain.verify import encode
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -67,7 +68,7 @@ class SqsBuildQueue:
         self._send(self.dead_letter_url, message, 0)
 
     def _send(self, url: str, message: BuildMessage, delay: int) -> None:
-        body = json.dumps(message.as_body(), separators=(",", ":"))
+        body = encode(message)  # the body whose size verify_messages kept under SQS's limit
         try:
             self.client.send_message(QueueUrl=url, MessageBody=body, DelaySeconds=delay)
         except (ClientError, BotoCoreError) as exc:

@@ -6,6 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -16,6 +17,7 @@ from handler.domain.errors import (
     CubeRejected,
     CubeSecretUnavailable,
     CubeServerError,
+    CubeThrottled,
     CubeTimeout,
     CubeUnreachable,
 )
@@ -120,35 +122,69 @@ class CubeJobsClient:
                 error = CubeTimeout(f"Cube did not answer within {timeout:.1f}s ({type(exc).__name__})")
             except httpx.TransportError as exc:
                 error = CubeUnreachable(f"Cube unreachable ({type(exc).__name__})")
+            except httpx.HTTPError as exc:  # e.g. DecodingError: a body that is not what its headers say
+                error = CubeServerError(f"Cube's answer could not be read ({type(exc).__name__})")
             except CubeServerError as exc:  # 2xx whose body is not what the action answers
                 error = exc
             if not error.retryable or attempt >= self.retries:
                 raise error
-            # Exponential backoff with full jitter, never sleeping past the deadline.
+            # Exponential backoff with full jitter, never sleeping past the deadline; after a 429 not
+            # sooner than Cube's Retry-After.
             delay_ms = random.uniform(0, self.backoff_ms * (2**attempt))  # noqa: S311 (jitter, not crypto)
+            if isinstance(error, CubeThrottled) and error.retry_after_ms is not None:
+                delay_ms = max(delay_ms, error.retry_after_ms)
             if self._now_ms() + delay_ms >= deadline_ms:
                 raise error
             self._sleep(delay_ms / 1000)
             attempt += 1
 
-    @staticmethod
-    def _error_for(response: httpx.Response) -> CubeError | None:
+    def _error_for(self, response: httpx.Response) -> CubeError | None:
         status = response.status_code
         if status < 400:
             return None
         text = _cube_error_text(response)
+        if status == httpx.codes.TOO_MANY_REQUESTS:  # transient: Cube (or a proxy) sheds load
+            retry_after = _retry_after_ms(response.headers.get("retry-after"), self._now_ms())
+            return CubeThrottled(f"Cube is throttling ({status}): {text}", status=status, retry_after_ms=retry_after)
+        if status == httpx.codes.REQUEST_TIMEOUT:  # transient: the server gave up waiting for the request
+            return CubeTimeout(f"Cube timed out the request ({status}): {text}", status=status)
         if status < 500:
             return CubeRejected(f"Cube rejected the request ({status}): {text}", status=status)
         return CubeServerError(f"Cube failed ({status}): {text}", status=status)
 
 
+def _retry_after_ms(value: str | None, now_ms: int) -> int | None:
+    """A Retry-After header (seconds, or an HTTP date) in milliseconds from now; None if absent or
+    unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return int(text[:9]) * 1000
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, int(when.timestamp() * 1000) - now_ms)
+
+
+def _json(response: httpx.Response) -> Any:
+    """The body as JSON, or a server error: not JSON, or nested too deeply for the parser."""
+    status = response.status_code
+    try:
+        return response.json()
+    except RecursionError:
+        raise CubeServerError(f"Cube answered {status} with JSON nested too deeply", status=status) from None
+    except ValueError:
+        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from None
+
+
 def _job_states(response: httpx.Response) -> dict[str, JobStatus]:
     """A `get` answer: an object of token -> job; anything else counts as a server error."""
     status = response.status_code
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    body = _json(response)
     if not isinstance(body, dict):
         raise CubeServerError(f"Cube answered a jobs `get` with {type(body).__name__}, not an object", status=status)
     return {
@@ -176,10 +212,7 @@ def _job_tokens(response: httpx.Response) -> list[str]:
     not (or not visibly) queue the jobs, so it counts as a server error: claims released, records
     reported, retried like a 5xx."""
     status = response.status_code
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise CubeServerError(f"Cube answered {status} with a non-JSON body", status=status) from exc
+    body = _json(response)
     if not isinstance(body, list) or not all(isinstance(t, str) for t in body):
         raise CubeServerError(
             f"Cube answered {status} with {type(body).__name__} instead of a JSON array of job tokens", status=status
@@ -189,8 +222,8 @@ def _job_tokens(response: httpx.Response) -> list[str]:
 
 def _cube_error_text(response: httpx.Response) -> str:
     try:
-        body = response.json()
-        text = body.get("error") if isinstance(body, dict) else None
-    except ValueError:
-        text = None
+        body = _json(response)
+    except CubeServerError:
+        body = None
+    text = body.get("error") if isinstance(body, dict) else None
     return str(text or response.text or response.reason_phrase)[:_MAX_ERROR_TEXT]

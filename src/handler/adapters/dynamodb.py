@@ -32,6 +32,7 @@ _FIELDS = {
     "buildFailures": "build_failures",
     "retriggerDueAt": "retrigger_due_at",
     "jobsStartedAt": "jobs_started_at",
+    "buildPartsOf": "build_parts_of",
 }
 
 
@@ -55,6 +56,9 @@ def to_state(item: dict[str, Any] | None) -> KeyState | None:
     tokens = item.get("jobTokens")
     if tokens is not None and "L" in tokens:
         values["job_tokens"] = tuple(t["S"] for t in tokens["L"])
+    parts = item.get("buildParts")
+    if parts is not None and "NS" in parts:
+        values["build_parts"] = frozenset(int(n) for n in parts["NS"])
     return KeyState(**values)
 
 
@@ -260,6 +264,32 @@ class DynamoDBDebounceStore:
             "attribute_exists(pk) AND (attribute_not_exists(jobsStartedAt) OR jobsStartedAt < :start)",
             {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}},
         ).ok
+
+    def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
+        # Two conditional writes: add to the parts of this refresh, or start them (replacing an older
+        # refresh's). Each is atomic; a lost race between them is retried.
+        settled = "(attribute_not_exists(buildStartedAt) OR buildStartedAt < :start)"
+        values = {":start": _n(started_at), ":part": {"NS": [str(part)]}}
+        for _ in range(3):
+            added = self._update(key, "ADD buildParts :part", f"buildPartsOf = :start AND {settled}", values)
+            if added.ok:  # the item as it was before our atomic ADD, plus ours
+                return (added.state.build_parts if added.state and added.state.build_parts else frozenset()) | {part}
+            st = added.state
+            if (
+                st is None
+                or (st.build_started_at is not None and st.build_started_at >= started_at)
+                or (st.build_parts_of is not None and st.build_parts_of > started_at)
+            ):
+                return frozenset()
+            started = self._update(
+                key,
+                "SET buildPartsOf = :start, buildParts = :part",
+                f"attribute_exists(pk) AND (attribute_not_exists(buildPartsOf) OR buildPartsOf < :start) AND {settled}",
+                values,
+            )
+            if started.ok:
+                return frozenset({part})
+        return frozenset()
 
     def get(self, key: RefreshKey) -> KeyState | None:
         try:

@@ -178,6 +178,19 @@ class InMemoryDebounceStore:
             self.items[key] = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
             return True
 
+    def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or (st.build_started_at is not None and st.build_started_at >= started_at):
+                return frozenset()
+            if st.build_parts_of is not None and st.build_parts_of > started_at:
+                return frozenset()
+            noted = (st.build_parts or frozenset()) if st.build_parts_of == started_at else frozenset()
+            noted |= {part}
+            self.items[key] = replace(st, build_parts_of=started_at, build_parts=noted)
+            return noted
+
     def get(self, key: RefreshKey) -> KeyState | None:
         with self._lock:
             return self.items.get(key)
@@ -226,7 +239,7 @@ class RecordingCube:
                 names = [*_names(selector.body, "cubes"), *_names(selector.body, "preAggregations")]
                 refused = next((self.refuse[n] for n in names if n in self.refuse), None)
                 failure = refused or (self.failures.pop(0) if self.failures else None)
-                answers.append(failure or [f"job-{tenant_id}-{name}-{number}" for name in names])
+                answers.append(failure or [f"job-{tenant_id}-{name.replace('.', '_')}-{number}" for name in names])
         return answers
 
 

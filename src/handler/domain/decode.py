@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from handler.domain.model import EntityMutation, InvalidRecord, RecordRef, is_valid_target, is_valid_tenant
 from handler.domain.partitions import DateRange
 from handler.domain.ports import TrailingMessage
-from handler.domain.verify import RetriggerMessage, VerifyMessage, parse_retrigger, parse_verify
+from handler.domain.routing import EntityCubeMap
+from handler.domain.verify import RetriggerMessage, VerifyMessage, check_times, parse_retrigger, parse_verify
 
 
 class MalformedEvent(ValueError):
@@ -31,20 +32,52 @@ class DecodedBatch:
         return len(self.mutations) + len(self.invalid)
 
 
+# A record whose `partition` is not a number is isolated as invalid (this marks its value).
+BAD_PARTITION = object()
+_MAX_NUMBER_DIGITS = 19  # an int64
+_MAX_SHOWN = 80
+
+
+def _number(value: Any) -> int | None:
+    """A Kafka partition or offset: an integer, or a string of ASCII digits (some third-party
+    events carry them as strings); None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= _MAX_NUMBER_DIGITS and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def _shown(name: Any) -> str:
+    """A group key as an error message may show it: bounded (the event's text is not ours)."""
+    text = repr(name)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
 def iter_msk_records(event: Mapping[str, Any]) -> Iterator[tuple[RecordRef, Any]]:
-    """Yield (ref, raw value) for every record. The ref names the record in a partial batch response."""
+    """Yield (ref, raw value) for every record. The ref names the record in a partial batch response.
+    A record whose partition is not a number gets its group key (`<topic>-<partition>`) as its ref and
+    BAD_PARTITION as its value: it is reported alone. A record without a numeric offset cannot be
+    named in a partial batch response at all: the event is refused whole (MalformedEvent)."""
     groups = event.get("records")
     if not isinstance(groups, Mapping):
         raise MalformedEvent("event has no 'records' object: not an MSK event")
     for group_key, records in groups.items():
         if not isinstance(records, list):
-            raise MalformedEvent(f"records[{group_key!r}] is not a list")
+            raise MalformedEvent(f"records[{_shown(group_key)}] is not a list")
         for record in records:
             if not isinstance(record, Mapping):
-                raise MalformedEvent(f"a record under {group_key!r} is not an object")
-            topic, partition, offset = record.get("topic"), record.get("partition"), record.get("offset")
-            if not isinstance(partition, int) or not isinstance(offset, int) or isinstance(offset, bool):
-                raise MalformedEvent(f"a record under {group_key!r} has no integer partition/offset")
+                raise MalformedEvent(f"a record under {_shown(group_key)} is not an object")
+            topic, partition, offset = (
+                record.get("topic"),
+                _number(record.get("partition")),
+                _number(record.get("offset")),
+            )
+            if offset is None:
+                raise MalformedEvent(f"a record under {_shown(group_key)} has no integer offset")
+            if partition is None:
+                yield RecordRef(str(group_key), offset), BAD_PARTITION
+                continue
             name = f"{topic}-{partition}" if isinstance(topic, str) else str(group_key)
             yield RecordRef(name, offset), record.get("value")
 
@@ -65,6 +98,8 @@ MAX_FUTURE_MS = 24 * 3600 * 1000
 
 
 def decode_value(ref: RecordRef, value: Any, *, now_ms: int) -> EntityMutation | InvalidRecord:
+    if value is BAD_PARTITION:
+        return InvalidRecord(ref, "bad_partition", "record partition is not a number")
     if value is None:
         return InvalidRecord(ref, "null_value", "record value is null (tombstone?)")
     if not isinstance(value, str):
@@ -170,17 +205,22 @@ def decode_trailing_message(body: str) -> TrailingMessage:
         raise ValueError("trailing message has an invalid attempt")
     partition = data.get("partition", "")
     if partition != "":
-        if not isinstance(partition, str):
-            raise ValueError("trailing message has an invalid partition")
-        DateRange.parse(partition)  # ValueError names the problem, not the message
+        try:
+            if not isinstance(partition, str):
+                raise ValueError(partition)
+            partition = DateRange.parse(partition).label
+        except ValueError:
+            raise ValueError("trailing message has an invalid partition") from None
     return TrailingMessage(tenant, target, token, due, attempt, partition)
 
 
 QueueMessage = TrailingMessage | VerifyMessage | RetriggerMessage
 
 
-def decode_queue_message(body: str) -> QueueMessage:
-    """Any message of the refresh queue, by its `kind`: trailing, verify, retrigger. Raises
+def decode_queue_message(body: str, *, routes: EntityCubeMap | None = None, now_ms: int | None = None) -> QueueMessage:
+    """Any message of the refresh queue, by its `kind`: trailing, verify, retrigger. With `routes`,
+    a message naming a target the map does not cover is refused (it would make Cube build it); with
+    `now_ms`, a verify or retrigger message naming a future time (verify.check_times). Raises
     ValueError with a safe description."""
     try:
         data = json.loads(body)
@@ -189,8 +229,23 @@ def decode_queue_message(body: str) -> QueueMessage:
     except (TypeError, ValueError) as exc:
         raise ValueError("queue message body is not JSON") from exc
     kind = data.get("kind") if isinstance(data, dict) else None
+    message: QueueMessage
     if kind == "verify":
-        return parse_verify(data)
-    if kind == "retrigger":
-        return parse_retrigger(data)
-    return decode_trailing_message(body)
+        message = parse_verify(data)
+    elif kind == "retrigger":
+        message = parse_retrigger(data)
+    else:
+        message = decode_trailing_message(body)
+    if routes is not None and not all(routes.covers(t) for t in _targets_of(message)):
+        raise ValueError(f"{kind or 'trailing'} message names a target ENTITY_CUBE_MAP does not map")
+    if now_ms is not None and not isinstance(message, TrailingMessage):
+        check_times(message, now_ms=now_ms)
+    return message
+
+
+def _targets_of(message: QueueMessage) -> list[str]:
+    if isinstance(message, TrailingMessage):
+        return [message.target]
+    if isinstance(message, VerifyMessage):
+        return [t.key.target for t in message.targets]
+    return [t.target for t in message.targets]

@@ -11,6 +11,16 @@ _TOKENS = (
 )
 
 
+# Values a database error may quote: text in single quotes (not an apostrophe inside a word, as in
+# Cube's "user's selector doesn't match"), text in double quotes (PostgreSQL quotes values and
+# names alike: both are masked, so no value leaks), and `Key (col)=(value)` details.
+_VALUES = (
+    (re.compile(r"(?<![A-Za-z0-9])'(?:[^']|'')*'"), "'?'"),
+    (re.compile(r'"(?:[^"]|"")*"'), '"?"'),
+    (re.compile(r"\)=\([^)]*\)"), ")=(?)"),
+)
+
+
 def redact_tokens(text: str) -> str:
     """Cube's error text goes into logs and operation results; should Cube ever echo the
     Authorization header, the tenant's JWT must not follow it there."""
@@ -19,15 +29,24 @@ def redact_tokens(text: str) -> str:
     return text
 
 
+def redact_values(text: str) -> str:
+    """Cube's error text without the values a database error quotes (see _VALUES): logs, the
+    table's buildError and dead letters carry no row data."""
+    for pattern, replacement in _VALUES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class CubeError(Exception):
-    """Cube did not queue the jobs. `error_class` is one of client, server, timeout, connection, secret.
-    The message is redacted of token-looking text whoever builds it."""
+    """Cube did not queue the jobs. `error_class` is one of client, server, throttled, timeout,
+    connection, secret. The message is redacted of token-looking text and quoted values whoever
+    builds it."""
 
     error_class = "server"
     retryable = True
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(redact_tokens(message))
+        super().__init__(redact_values(redact_tokens(message)))
         self.status = status
 
 
@@ -40,6 +59,16 @@ class CubeRejected(CubeError):
 
 class CubeServerError(CubeError):
     error_class = "server"
+
+
+class CubeThrottled(CubeError):
+    """Cube answered 429 (too many requests): retried like a 5xx, not sooner than its Retry-After."""
+
+    error_class = "throttled"
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after_ms: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_ms = retry_after_ms
 
 
 class CubeTimeout(CubeError):

@@ -43,18 +43,23 @@ TenantId = Annotated[str, AfterValidator(_tenant_id)]
 TargetName = Annotated[str, AfterValidator(_target)]
 
 
+_MAX_EPOCH_DIGITS = 19  # an int64
+
+
 def _epoch_ms(value: Any) -> Any:
     """Accept epoch milliseconds (int) or an ISO-8601 string; leave the rest to pydantic to reject."""
     if isinstance(value, bool):
         raise ValueError("timestamp must be epoch milliseconds or ISO-8601, not a boolean")
     if isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # ASCII: str.isdigit() is also true of "²³¹"
+            if len(text) > _MAX_EPOCH_DIGITS:
+                raise ValueError("timestamp must be epoch milliseconds or ISO-8601")
             return int(text)
         try:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ValueError("timestamp must be epoch milliseconds or ISO-8601") from exc
+        except ValueError:  # its message quotes the value: never passed on
+            raise ValueError("timestamp must be epoch milliseconds or ISO-8601") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         return int(parsed.timestamp() * 1000)

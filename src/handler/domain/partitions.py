@@ -37,10 +37,13 @@ class DateRange:
         """The inverse of `label`; raises ValueError on anything else."""
         first, sep, last = label.partition(_SEP)
         if not sep or len(first) != 10 or len(last) != 10:
-            raise ValueError(f"not a date range: {label!r}")
-        value = cls(date.fromisoformat(first), date.fromisoformat(last))
+            raise ValueError("not a date range label (YYYY-MM-DD..YYYY-MM-DD)")
+        try:
+            value = cls(date.fromisoformat(first), date.fromisoformat(last))
+        except ValueError:
+            raise ValueError("not a date range label (YYYY-MM-DD..YYYY-MM-DD)") from None
         if value.end < value.start:
-            raise ValueError(f"date range ends before it starts: {label!r}")
+            raise ValueError("date range label ends before it starts")
         return value
 
     def cube_date_range(self) -> list[str]:
@@ -86,20 +89,30 @@ def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def local_day(epoch_ms: int, timezone: str) -> date:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).astimezone(zone(timezone)).date()
+    """The local calendar day of an instant (exact integer arithmetic, no float seconds). Raises
+    OverflowError for an instant the calendar cannot hold, here or in the zone (past 9999-12-31)."""
+    return (_EPOCH + timedelta(milliseconds=epoch_ms)).astimezone(zone(timezone)).date()
 
 
 def partitions_for(instants_ms: Iterable[int], granularity: str, timezones: Sequence[str]) -> set[DateRange]:
-    """Every partition, in any of the time zones, that holds one of the instants."""
-    return {partition_of(local_day(ms, tz), granularity) for ms in instants_ms for tz in timezones}
+    """Every partition, in any of the time zones, that holds one of the instants. Raises ValueError
+    when an instant or its partition lies outside the calendar (years 1 to 9999: a hint in
+    microseconds, 10**20, the last day of 9999 in a zone east of UTC)."""
+    try:
+        return {partition_of(local_day(ms, tz), granularity) for ms in instants_ms for tz in timezones}
+    except OverflowError:
+        raise ValueError("an instant or its partition lies outside the calendar") from None
 
 
 def merge(ranges: Iterable[DateRange]) -> list[DateRange]:
     """Sorted, with overlapping and adjacent ranges joined (one selector each)."""
     merged: list[DateRange] = []
     for item in sorted(ranges):
-        if merged and item.start <= merged[-1].end + timedelta(days=1):
+        if merged and (item.start - merged[-1].end).days <= 1:  # (no date arithmetic past 9999-12-31)
             last = merged[-1]
             merged[-1] = DateRange(last.start, max(last.end, item.end))
         else:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from handler.domain.errors import CubeError
 from handler.domain.model import RefreshKey, Selector
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class Clock(Protocol):
@@ -35,9 +38,13 @@ class KeyState:
     build_error: str | None = None  # Cube's error text, redacted
     build_failures: int | None = None  # consecutive failed builds (0 after a done one)
     retrigger_due_at: int | None = None
-    # The job tokens of the newest refresh Cube accepted (for `preagg-refresh jobs`).
+    # The job tokens of the newest refresh whose verification was scheduled (for `preagg-refresh jobs`).
     jobs_started_at: int | None = None
     job_tokens: tuple[str, ...] | None = None
+    # A refresh whose job tokens did not fit one verify message is verified in parts: the parts of
+    # the refresh that started at `build_parts_of` whose jobs were all seen done.
+    build_parts_of: int | None = None
+    build_parts: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,13 @@ class DebounceStore(Protocol):
         are recorded already."""
         ...
 
+    def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
+        """Note that every job of part `part` of the refresh that started at `started_at` is done;
+        answer the parts of that refresh noted so far (this one included). Parts of an older refresh
+        are replaced; nothing is noted (empty answer) when an outcome of this or a later refresh is
+        recorded, or parts of a later refresh are being noted."""
+        ...
+
     def get(self, key: RefreshKey) -> KeyState | None: ...
 
     def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]: ...
@@ -205,6 +219,18 @@ class BuildQueue(Protocol):
         """Park a build that failed after its re-triggers where an operator finds and replays it.
         Raises SchedulerUnavailable."""
         ...
+
+
+class Mapper(Protocol):
+    """How the remote calls of one batch are spread: serially (`serial_map`: deterministic, for
+    tests and the model checks) or over a thread pool (the deployed wiring). Results keep the input
+    order; an exception of one call is raised to the caller."""
+
+    def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]: ...
+
+
+def serial_map[T, R](fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    return [fn(item) for item in items]
 
 
 class Telemetry(Protocol):

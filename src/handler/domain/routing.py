@@ -15,7 +15,8 @@ DEFAULT_ENTITY_CUBE_MAP: dict[str, tuple[str, ...]] = {
     "Tenant": ("Tenants",),
     "Group": ("Groups",),
 }
-_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# `fullmatch`: a `$` would also match before a trailing newline.
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _ROUTE_KEYS = {"target", "partitionBy", "granularity", "fields"}
 EVENT_TIMESTAMP = "timestamp"
 HINT_PREFIX = "timeHints."
@@ -51,7 +52,10 @@ class Route:
             instants = hint.instants(mutation.event_type) if hint is not None else None
         if not instants:
             return None
-        return partitions_for(instants, self.granularity, timezones)
+        try:
+            return partitions_for(instants, self.granularity, timezones)
+        except ValueError:  # outside the calendar: an unusable hint, like a malformed one
+            return None
 
 
 def _route(entity_type: str, entry: Any) -> Route:
@@ -77,7 +81,9 @@ def _route(entity_type: str, entry: Any) -> Route:
                 " pre-aggregations may partition on different time dimensions"
             )
         text = partition_by if isinstance(partition_by, str) else ""
-        if text != EVENT_TIMESTAMP and not (text.startswith(HINT_PREFIX) and _FIELD.match(text[len(HINT_PREFIX) :])):
+        if text != EVENT_TIMESTAMP and not (
+            text.startswith(HINT_PREFIX) and _FIELD.fullmatch(text[len(HINT_PREFIX) :])
+        ):
             raise ValueError(f"{where}: partitionBy must be 'timestamp' or 'timeHints.<field>', got {partition_by!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"{where}: granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
@@ -85,7 +91,9 @@ def _route(entity_type: str, entry: Any) -> Route:
         raise ValueError(f"{where}: granularity without partitionBy")
     fields = entry.get("fields")
     if fields is not None and (
-        not isinstance(fields, list) or not fields or not all(isinstance(f, str) and _FIELD.match(f) for f in fields)
+        not isinstance(fields, list)
+        or not fields
+        or not all(isinstance(f, str) and _FIELD.fullmatch(f) for f in fields)
     ):
         raise ValueError(f"{where}: 'fields' must be a non-empty list of field names")
     return Route(target, partition_by, granularity, frozenset(fields) if fields is not None else None)
@@ -109,6 +117,16 @@ class EntityCubeMap:
                 by_target[route.target] = route
             routes[entity_type] = tuple(by_target.values())
         self._routes = routes
+        self._cubes = frozenset(r.target.split(".", 1)[0] for rs in routes.values() for r in rs)
+
+    def covers(self, target: str) -> bool:
+        """Whether refreshing `target` (a cube name or a pre-aggregation id) is this function's
+        business: its cube is the cube of a mapped target. Queue messages and operations naming any
+        other target are refused (a forged message must not make Cube build it)."""
+        return target.split(".", 1)[0] in self._cubes
+
+    def cubes(self) -> list[str]:
+        return sorted(self._cubes)
 
     def routes_for(self, entity_type: str) -> tuple[Route, ...]:
         return self._routes.get(entity_type, ())
@@ -166,7 +184,9 @@ def build_selectors(
     - cube names share one selector, which also covers every key of those cubes' pre-aggregations;
     - pre-aggregation ids refreshed whole share another, which also covers their partition keys;
     - partition keys get one selector per distinct (merged) range, in local time for every zone.
-    Past `max_selectors`, each target's ranges become one covering range, then the whole target.
+    Past `max_selectors`, each target's ranges become one covering range, then the whole target,
+    then (when cube names and pre-aggregation ids together still need two selectors and one is
+    allowed) the pre-aggregation ids become their cubes: one selector rebuilding more, never less.
     Every key is covered by exactly one selector."""
     keys = sorted({t if isinstance(t, RefreshKey) else RefreshKey(tenant_id, t) for t in targets})
     base: dict[str, object] = {
@@ -190,6 +210,9 @@ def build_selectors(
     if fixed + len(partial) > max_selectors:
         whole |= set(ranged)
         partial = []
+    if int(bool(cubes)) + int(bool(whole)) > max_selectors:
+        cubes = sorted(set(cubes) | {t.split(".", 1)[0] for t in whole})
+        cube_keys, rest, whole = keys, [], set()
 
     selectors: list[Selector] = []
     if cubes:

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
 
 from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
-from handler.domain.errors import CubeError, CubeNotSent, OutOfTime, SchedulerUnavailable, StoreUnavailable
+from handler.domain.errors import (
+    CubeError,
+    CubeNotSent,
+    CubeServerError,
+    OutOfTime,
+    SchedulerUnavailable,
+    StoreUnavailable,
+)
 from handler.domain.model import EntityMutation, RecordRef, RefreshKey, Selector
-from handler.domain.ports import BuildRecord, Clock, CubeAnswer, CubeJobs, Telemetry, TrailingMessage
+from handler.domain.ports import (
+    BuildRecord,
+    Clock,
+    CubeAnswer,
+    CubeJobs,
+    Mapper,
+    Telemetry,
+    TrailingMessage,
+    serial_map,
+)
 from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
-from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage
+from handler.domain.verify import BuildTarget, BuildVerifier, RetriggerMessage, VerifyMessage, is_valid_job_token
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +53,14 @@ TRAILING_RETRY_DELAYS_MS = (
     300_000,
 )
 
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-# How remote calls of one batch are spread: serially by default (deterministic, for tests and the
-# model check); the deployed wiring passes a thread pool's map, since the calls are independent.
-class Mapper(Protocol):
-    def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T], /) -> list[_R]: ...
-
-
-def serial_map[T, R](fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    return [fn(item) for item in items]
-
 
 @dataclass(frozen=True, slots=True)
 class Budget:
     """How a batch spends the time to its deadline, so that the bound holds however slow each call
-    is: conditional writes (claims) start only in the first third, Cube requests only until two
-    thirds, and the rest is left for releasing what Cube did not take (a release is one write, like
-    a claim, so it needs no more time than the claims took)."""
+    is: conditional writes (claims) start only in the first third, Cube requests (each followed by
+    the sending of its verification) only until two thirds, and the rest is left for releasing what
+    Cube did not take (a release is one write, like a claim, so it needs no more time than the
+    claims took)."""
 
     claims_until: int
     cube_until: int
@@ -73,10 +76,47 @@ class Budget:
 class _Group:
     refs: list[RecordRef] = field(default_factory=list)
     oldest_event_ms: int = 2**63
+    entity_types: set[str] = field(default_factory=set)  # only mapped ones: few, a safe metric dimension
 
-    def add(self, ref: RecordRef, event_ms: int) -> None:
+    def add(self, ref: RecordRef, event_ms: int, entity_types: Iterable[str] = ()) -> None:
         self.refs.append(ref)  # a record may appear twice (several partitions folded into one key): harmless
         self.oldest_event_ms = min(self.oldest_event_ms, event_ms)
+        self.entity_types.update(entity_types)
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """One tenant's Cube request as its worker left it: the selectors, Cube's answer to each, how long
+    Cube took, and the keys whose verification could not be scheduled."""
+
+    selectors: list[Selector]
+    answers: list[CubeAnswer]
+    latency: int
+    unverified: set[RefreshKey]
+
+
+def _verifiable(answer: CubeAnswer) -> CubeAnswer:
+    """Job tokens a verify message can carry (the rule its parser applies), or a server error for the
+    selector: a refresh whose jobs cannot be verified is not counted as refreshed."""
+    if isinstance(answer, CubeError) or all(is_valid_job_token(t) for t in answer):
+        return answer
+    return CubeServerError("Cube answered job tokens this function cannot verify (not 1-128 of A-Z a-z 0-9 _ -)")
+
+
+def _per_key(
+    selectors: Sequence[Selector], answers: Sequence[CubeAnswer]
+) -> tuple[dict[RefreshKey, list[str]], dict[RefreshKey, CubeError]]:
+    """Per key, the job tokens of the selectors covering it, or the error of one of them (a 4xx
+    decides: retrying the key cannot help while one of its selectors is refused)."""
+    tokens: dict[RefreshKey, list[str]] = defaultdict(list)
+    errors: dict[RefreshKey, CubeError] = {}
+    for selector, answer in zip(selectors, answers, strict=True):
+        for key in selector.keys:
+            if not isinstance(answer, CubeError):
+                tokens[key].extend(answer)
+            elif key not in errors or not answer.retryable:
+                errors[key] = answer
+    return tokens, errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +188,11 @@ class RefreshService:
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
                     outcome.failed.update(groups[claim.key].refs)
+        # By mapped entity type (the map's keys: few, a cheap dimension): the refreshes this batch's mutations
+        # started. Trailing refreshes carry no entity type; they are counted as TrailingFired.
+        refreshed = Counter(t for key in ok_keys for t in groups[key].entity_types)
+        for entity_type, value in sorted(refreshed.items()):
+            self.telemetry.count("RefreshesByEntityType", value, dimension=("EntityType", entity_type))
         return outcome
 
     def _group(self, mutations: Iterable[tuple[RecordRef, EntityMutation]]) -> dict[RefreshKey, _Group]:
@@ -157,11 +202,13 @@ class RefreshService:
         refresh rebuilds them too. An update that changed none of a target's fields skips it."""
         groups: dict[RefreshKey, _Group] = {}
         unmapped = skipped = fallbacks = 0
+        mapped: list[str] = []
         for ref, mutation in mutations:
             routes = self.routes.routes_for(mutation.entity_type)
             if not routes:
                 unmapped += 1
                 continue
+            mapped.append(mutation.entity_type)
             for route in routes:
                 if route.skips(mutation):
                     skipped += 1
@@ -174,7 +221,7 @@ class RefreshService:
                 else:
                     keys = [RefreshKey(whole.tenant_id, whole.target, p.label) for p in sorted(partitions)]
                 for key in keys:
-                    groups.setdefault(key, _Group()).add(ref, mutation.timestamp)
+                    groups.setdefault(key, _Group()).add(ref, mutation.timestamp, (mutation.entity_type,))
         # A batch that touches more partitions of one target than one request may carry ranges for
         # gets the whole-target key instead: it would be widened to (nearly) the whole target at the
         # Cube request anyway, and one key costs one DynamoDB write instead of one per partition.
@@ -190,7 +237,7 @@ class RefreshService:
             if cover is not None:
                 group = groups.pop(key)
                 for ref in group.refs:
-                    groups[cover].add(ref, group.oldest_event_ms)
+                    groups[cover].add(ref, group.oldest_event_ms, group.entity_types)
         for name, value in (
             ("UnmappedEvents", unmapped),
             ("SkippedByFields", skipped),
@@ -198,6 +245,8 @@ class RefreshService:
         ):
             if value:
                 self.telemetry.count(name, value)
+        for entity_type, value in sorted(Counter(mapped).items()):
+            self.telemetry.count("EventsByEntityType", value, dimension=("EntityType", entity_type))
         return groups
 
     def _decide_all(
@@ -302,7 +351,15 @@ class RefreshService:
         for ref, message in messages:
             if message.dead_lettered:
                 log.info("replaying a dead-lettered build", extra={"tenant_id": message.tenant_id})
-            for key, decision in self._decide_all(message.refresh_keys(), budget):
+            due = self.verifier.still_due(message) if self.verifier is not None else message.refresh_keys()
+            covered = sorted({k for k, _ in message.refresh_keys()} - {k for k, _ in due})
+            if covered:
+                log.info(
+                    "re-trigger covered by a newer refresh: nothing to do",
+                    extra={"tenant_id": message.tenant_id, "keys": [k.pk for k in covered]},
+                )
+                outcome.keys.extend(KeyOutcome(k, "skipped", "covered by a newer refresh") for k in covered)
+            for key, decision in self._decide_all(due, budget):
                 if isinstance(decision, Exception):
                     log.warning("retrigger decision failed", extra={"key": key.pk, "error": str(decision)})
                     outcome.failed.add(ref)
@@ -338,61 +395,57 @@ class RefreshService:
 
     # -- the one place Cube is called --------------------------------------------------------
     def _refresh_all(self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome) -> set[RefreshKey]:
-        """One Cube request per tenant (spread by the mapper), then the bookkeeping in order, then
-        the releases of what Cube did not take (spread too: there may be thousands)."""
-
-        def call(tenant_id: str) -> tuple[list[Selector], list[CubeAnswer], int]:
-            selectors = build_selectors(
-                [c.key for c in claims[tenant_id]], tenant_id, self.timezones, max_selectors=self.max_selectors
-            )
-            started = self.clock.now_ms()
-            if started >= budget.cube_until:
-                late = CubeNotSent("not sent: the function's deadline is near")
-                return selectors, [late for _ in selectors], 0
-            answers = self.cube.trigger(tenant_id, selectors, deadline_ms=budget.cube_until)
-            return selectors, answers, self.clock.now_ms() - started
-
+        """One Cube request per tenant, its verification scheduled by the same worker right after
+        Cube's answer (tenants spread by the mapper, all inside the Cube phase of the budget); then
+        the bookkeeping in order; then, spread again, the writes that follow a refresh and the
+        releases of what Cube did not take (there may be thousands of each)."""
         tenants = sorted(claims)
         ok: set[RefreshKey] = set()
         unsent = 0
-        for tenant_id, (selectors, answers, latency) in zip(tenants, self._map(call, tenants), strict=True):
-            unsent += sum(1 for a in answers if isinstance(a, CubeNotSent))
-            ok |= self._settle(tenant_id, claims[tenant_id], selectors, answers, latency, outcome)
+        after: list[tuple[Claim, bool]] = []
+        asked_all = self._map(lambda tenant_id: self._ask_cube(tenant_id, claims[tenant_id], budget), tenants)
+        for tenant_id, asked in zip(tenants, asked_all, strict=True):
+            unsent += sum(1 for a in asked.answers if isinstance(a, CubeNotSent))
+            refreshed, nothing = self._settle(tenant_id, claims[tenant_id], asked, outcome)
+            ok |= {c.key for c in refreshed}
+            after.extend((c, c in nothing) for c in refreshed)
         if unsent:
             log.warning("deadline near: Cube requests not sent, claims released", extra={"selectors_not_sent": unsent})
+        self._map(self._after_refresh, after)
         released = self._map(self._release, [c for tenant in tenants for c in claims[tenant] if c.key not in ok])
         if any(released):
             self.telemetry.count("ClaimsReleased", sum(released))
         return ok
 
-    def _settle(  # noqa: PLR0917
-        self,
-        tenant_id: str,
-        claims: list[Claim],
-        selectors: list[Selector],
-        answers: list[CubeAnswer],
-        latency: int,
-        outcome: Outcome,
-    ) -> set[RefreshKey]:
-        """Per key: refreshed when every selector covering it was accepted (with those selectors'
-        job tokens); otherwise its claim is released and the error kept for the caller."""
-        tokens: dict[RefreshKey, list[str]] = defaultdict(list)
-        errors: dict[RefreshKey, CubeError] = {}
-        for selector, answer in zip(selectors, answers, strict=True):
-            if isinstance(answer, CubeError):
-                if not isinstance(answer, CubeNotSent):
-                    self._log_cube_error(tenant_id, selector, answer)
-                for key in selector.keys:
-                    # A 4xx decides: retrying the key cannot help while one of its selectors is refused.
-                    if key not in errors or not answer.retryable:
-                        errors[key] = answer
-            else:
-                for key in selector.keys:
-                    tokens[key].extend(answer)
-        if len(errors) < len(claims):
-            self.telemetry.timing("CubeLatency", latency)
+    def _ask_cube(self, tenant_id: str, claims: list[Claim], budget: Budget) -> _Asked:
+        """Runs in a worker: Cube's request for one tenant's claimed keys, then the verification of
+        what Cube accepted (sent before any bookkeeping: see _verify_later)."""
+        selectors = build_selectors(
+            [c.key for c in claims], tenant_id, self.timezones, max_selectors=self.max_selectors
+        )
+        started = self.clock.now_ms()
+        if started >= budget.cube_until:
+            late = CubeNotSent("not sent: the function's deadline is near")
+            return _Asked(selectors, [late for _ in selectors], 0, set())
+        answers = [_verifiable(a) for a in self.cube.trigger(tenant_id, selectors, deadline_ms=budget.cube_until)]
+        latency = self.clock.now_ms() - started
+        tokens, errors = _per_key(selectors, answers)
         accepted = [(c, tuple(tokens[c.key])) for c in claims if c.key not in errors]
-        unverified = not self._verify_later(tenant_id, accepted)
+        return _Asked(selectors, answers, latency, self._verify_later(tenant_id, accepted))
+
+    def _settle(
+        self, tenant_id: str, claims: list[Claim], asked: _Asked, outcome: Outcome
+    ) -> tuple[list[Claim], list[Claim]]:
+        """Per key: refreshed when every selector covering it was accepted (with those selectors'
+        job tokens) and its verification scheduled; otherwise its claim is released (by the caller)
+        and the error kept for the caller. Answers the refreshed claims, and those of them Cube had
+        nothing to build for."""
+        tokens, errors = _per_key(asked.selectors, asked.answers)
+        for selector, answer in zip(asked.selectors, asked.answers, strict=True):
+            if isinstance(answer, CubeError) and not isinstance(answer, CubeNotSent):
+                self._log_cube_error(tenant_id, selector, answer)
+        if len(errors) < len(claims):
+            self.telemetry.timing("CubeLatency", asked.latency)
         refreshed: list[Claim] = []
         for claim in claims:
             error = errors.get(claim.key)
@@ -400,28 +453,28 @@ class RefreshService:
                 outcome.keys.append(KeyOutcome(claim.key, "failed", f"{error.error_class}: {error}"))
                 outcome.errors[claim.key] = error
                 continue
-            if unverified:  # released (by the caller) and reported: the redelivery refreshes and verifies again
+            if claim.key in asked.unverified:  # released and reported: the redelivery refreshes and verifies again
                 outcome.keys.append(KeyOutcome(claim.key, "failed", "the build verification could not be scheduled"))
                 continue
             refreshed.append(claim)
-            self._refreshed(claim)
             self.telemetry.count("RefreshesTriggered")
             self.telemetry.count("RefreshesByCube", dimension=("Cube", claim.key.cube))
             if claim.oldest_event_ms is not None:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
             detail = ("trailing" if claim.trailing else "leading") + ("" if tokens[claim.key] else ", nothing to build")
             outcome.keys.append(KeyOutcome(claim.key, "refreshed", detail, tuple(tokens[claim.key])))
-        self._nothing_to_build(tenant_id, [c for c in refreshed if not tokens[c.key]])
+        nothing = [c for c in refreshed if not tokens[c.key]]
+        self._nothing_to_build(tenant_id, nothing)
         if refreshed:
             log.info(
                 "refresh queued",
                 extra={
                     "tenant_id": tenant_id,
                     "targets": [c.key.target for c in refreshed],
-                    "jobs": sum(len(a) for a in answers if not isinstance(a, CubeError)),
+                    "jobs": sum(len(a) for a in asked.answers if not isinstance(a, CubeError)),
                 },
             )
-        return {c.key for c in refreshed}
+        return refreshed, nothing
 
     def _log_cube_error(self, tenant_id: str, selector: Selector, exc: CubeError) -> None:
         self.telemetry.count("CubeErrors")
@@ -437,12 +490,13 @@ class RefreshService:
             },
         )
 
-    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> bool:
-        """Schedule the verification of the builds Cube accepted (before any bookkeeping: if it cannot
-        be scheduled, the claims are released and the records redelivered, so no accepted refresh
-        goes unverified). Keys Cube answered with no job are not verified: see _nothing_to_build."""
+    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> set[RefreshKey]:
+        """Schedule the verification of the builds Cube accepted (before any bookkeeping: the keys
+        whose verification could not be scheduled are released and their records redelivered, so
+        no accepted refresh goes unverified). Keys Cube answered with no job are not verified: see
+        _nothing_to_build. Answers the keys not scheduled."""
         if self.verifier is None:
-            return True
+            return set()
         targets = [
             BuildTarget(
                 c.key, tokens, c.started_at, c.oldest_event_ms if c.oldest_event_ms is not None else c.started_at
@@ -450,23 +504,14 @@ class RefreshService:
             for c, tokens in accepted
             if tokens
         ]
-        try:
-            self.verifier.schedule(tenant_id, targets)
-        except SchedulerUnavailable as exc:
-            log.error("build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)})
-            return False
-        for target in targets:
-            try:
-                self.debouncer.store.record_jobs(target.key, started_at=target.started_at, tokens=target.tokens)
-            except StoreUnavailable as exc:  # only `preagg-refresh jobs` reads them
-                log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
-        return True
+        return self.verifier.schedule(tenant_id, targets)
 
     def _nothing_to_build(self, tenant_id: str, claims: Sequence[Claim]) -> None:
         """Keys Cube accepted with no job: a partition outside the pre-aggregation's build range (Cube
         has no rollup of that range, so nothing of it is stale), or a target that names no
         pre-aggregation (a configuration error, which whole-target keys of the target surface as a
-        400). Counted, logged and recorded on the key's item (`stats` shows it), never retried."""
+        400). Counted and logged here, recorded on the key's item by _after_refresh (`stats` shows
+        it), never retried."""
         if not claims:
             return
         self.telemetry.count("NothingToBuild", len(claims))
@@ -475,10 +520,16 @@ class RefreshService:
             " pre-aggregation)",
             extra={"tenant_id": tenant_id, "keys": [c.key.pk for c in claims]},
         )
-        now = self.clock.now_ms()
-        for claim in claims:
+
+    def _after_refresh(self, item: tuple[Claim, bool]) -> None:
+        """The writes that follow a refreshed key (run side by side): the trailing bookkeeping, and
+        the record of a key Cube had nothing to build for."""
+        claim, nothing_to_build = item
+        self._refreshed(claim)
+        if nothing_to_build:
             try:
-                self.debouncer.store.record_build(claim.key, BuildRecord(claim.started_at, "nothing_to_build", now))
+                record = BuildRecord(claim.started_at, "nothing_to_build", self.clock.now_ms())
+                self.debouncer.store.record_build(claim.key, record)
             except StoreUnavailable as exc:  # only `stats` reads it
                 log.warning("build outcome not recorded", extra={"key": claim.key.pk, "error": str(exc)})
 

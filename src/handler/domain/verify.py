@@ -15,14 +15,24 @@ queue) carries the job tokens of each key. Delivered, it polls Cube once for all
   (an operator redrives it to the refresh queue to replay it) and `BuildsDeadLettered` alarms. A
   refresh that starts after the dead letter (the replay, or a new mutation) has a fresh budget.
 
+Size: SQS refuses a message body over 256 KiB, and Cube answers one token per partition x time
+zone x context, thousands for one request. The keys of one request are packed into as many verify
+messages as their tokens need; a key whose tokens alone do not fit one message is verified in
+*parts* (its tokens split across messages), and it counts as built only when every part's jobs
+are done (`record_part`).
+
 Crash and duplicate safety: messages are sent before the outcome is recorded, and the record is
 conditional on the refresh being newer than the last one recorded (`buildStartedAt`), so a duplicate
 or redelivered verify message finds its refresh settled and does nothing, and a crash between a
-poll and its re-trigger only repeats the poll. A duplicate that raced the first one to the re-trigger
-costs at most one extra refresh, which the debounce window absorbs."""
+poll and its re-trigger only repeats the poll. A re-trigger names the refresh whose build failed;
+delivered again (a duplicate, or a second re-trigger sent by a redelivered verify message) after a
+newer refresh of its key had its verification scheduled or its outcome recorded, it does nothing:
+that refresh covers the same mutations and is verified itself. So each failed build is re-built
+once and counted once toward the budget, whatever the deliveries."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
@@ -30,10 +40,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable
+from handler.domain.errors import CubeError, SchedulerUnavailable, StoreUnavailable, redact_values
 from handler.domain.model import RecordRef, RefreshKey, is_valid_target, is_valid_tenant
 from handler.domain.partitions import DateRange
 from handler.domain.ports import (
+    BuildMessage,
     BuildQueue,
     BuildRecord,
     Clock,
@@ -41,7 +52,9 @@ from handler.domain.ports import (
     JobStatus,
     JobStatusReader,
     KeyState,
+    Mapper,
     Telemetry,
+    serial_map,
 )
 
 log = logging.getLogger(__name__)
@@ -56,21 +69,49 @@ FAILURE_CLASSES = ("failure", "missing_partition", "not_found", "timeout", "tena
 # A job of another tenant (a bug or a token mix-up) and a 4xx on verification (token, scope) cannot
 # be fixed by building again: dead-lettered and alarmed at once, never looped.
 NOT_RETRIGGERED = frozenset({"tenant_mismatch", "rejected"})
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A job token as this function accepts it (Cube's are 32-character md5 hex). `fullmatch`: a `$` would
+# also match before a trailing newline.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MAX_ERROR = 240
+
+# SQS refuses a message body over 256 KiB (262,144 bytes). Verify messages are packed below it, with
+# room for the fields a later poll rewrites (`poll`), and with at most MAX_TARGETS_PER_MESSAGE keys so
+# that settling one message is a bounded amount of work.
+MAX_MESSAGE_BYTES = 256 * 1024
+_BODY_BUDGET = MAX_MESSAGE_BYTES - 1_024
+MAX_TARGETS_PER_MESSAGE = 100
+MAX_PARTS = 10_000
+# Cube is polled with at most this many tokens per request (its answer carries a selector per token).
+MAX_TOKENS_PER_POLL = 2_000
+# The job tokens kept on a key's item for `preagg-refresh jobs` (a DynamoDB item holds 400 KB).
+MAX_RECORDED_TOKENS = 1_000
+# Times a queue message names (a refresh's start, the oldest mutation it covers) may lie this far
+# ahead of the function's clock (clock skew between invocations); further is a forged or corrupt
+# message: a future start would make every genuine outcome of the key look older, and be ignored.
+MAX_CLOCK_SKEW_MS = 60_000
 
 
 def poll_delay_ms(poll: int) -> int:
     return POLL_DELAYS_MS[min(poll, len(POLL_DELAYS_MS) - 1)]
 
 
+def is_valid_job_token(value: object) -> bool:
+    return isinstance(value, str) and _TOKEN_RE.fullmatch(value) is not None
+
+
 def redact(text: str) -> str:
-    """Cube's error text without values: quoted literals and `Key (col)=(value)` details are masked
-    (a database error can quote row data), whitespace collapsed, length bounded."""
-    text = re.sub(r"'(?:[^']|'')*'", "'?'", text)
-    text = re.sub(r"\)=\([^)]*\)", ")=(?)", text)
-    text = " ".join(text.split())
-    return text[:_MAX_ERROR]
+    """Cube's error text without values (errors.redact_values: quoted text and `Key (col)=(value)`
+    details are masked, since a database error can quote row data), whitespace collapsed, length
+    bounded. PostgreSQL quotes values in double quotes as well as relation and column names
+    (`invalid input syntax for type integer: "jane@example.com"`, `relation "users" does not
+    exist`): both are masked, so no value can leak, at the price of the names (Cube's own log has
+    the full text)."""
+    return " ".join(redact_values(text).split())[:_MAX_ERROR]
+
+
+def encode(message: BuildMessage) -> str:
+    """A verify or retrigger message's SQS body (compact JSON, as its size is counted here)."""
+    return json.dumps(message.as_body(), separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------- messages
@@ -79,12 +120,23 @@ def redact(text: str) -> str:
 @dataclass(frozen=True, slots=True)
 class BuildTarget:
     """One key of a refresh Cube accepted: its job tokens, when the refresh started, and the oldest
-    mutation it covers."""
+    mutation it covers. `part` of `parts`: the share of the key's tokens one message carries, when
+    they do not fit one message (else 0 of 1)."""
 
     key: RefreshKey
     tokens: tuple[str, ...]
     started_at: int
     oldest_ms: int
+    part: int = 0
+    parts: int = 1
+
+    def as_body(self) -> dict[str, Any]:
+        return (
+            {"target": self.key.target, "tokens": list(self.tokens), "startedAt": self.started_at}
+            | {"oldestAt": self.oldest_ms}
+            | ({"partition": self.key.partition} if self.key.partition else {})
+            | ({"part": [self.part, self.parts]} if self.parts > 1 else {})
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +152,47 @@ class VerifyMessage:
             "tenantId": self.tenant_id,
             "deadlineAt": self.deadline_at,
             "poll": self.poll,
-            "targets": [
-                {"target": t.key.target, "tokens": list(t.tokens), "startedAt": t.started_at, "oldestAt": t.oldest_ms}
-                | ({"partition": t.key.partition} if t.key.partition else {})
-                for t in self.targets
-            ],
+            "targets": [t.as_body() for t in self.targets],
         }
+
+
+def verify_messages(tenant_id: str, deadline_at: int, targets: Sequence[BuildTarget]) -> list[VerifyMessage]:
+    """The verify messages of one accepted tenant request: keys packed in order, each message under
+    the SQS size limit and MAX_TARGETS_PER_MESSAGE; a key whose tokens alone are too many for one
+    message is split into parts (see the module docstring)."""
+    envelope = len(encode(VerifyMessage(tenant_id, deadline_at, (), poll=10**9)))
+    room = _BODY_BUDGET - envelope
+    messages: list[VerifyMessage] = []
+    batch: list[BuildTarget] = []
+    size = 0
+    for piece in (p for t in targets for p in _split(t, room)):
+        cost = len(json.dumps(piece.as_body(), separators=(",", ":"))) + 1  # and its comma
+        if batch and (size + cost > room or len(batch) >= MAX_TARGETS_PER_MESSAGE):
+            messages.append(VerifyMessage(tenant_id, deadline_at, tuple(batch)))
+            batch, size = [], 0
+        batch.append(piece)
+        size += cost
+    if batch:
+        messages.append(VerifyMessage(tenant_id, deadline_at, tuple(batch)))
+    return messages
+
+
+def _split(target: BuildTarget, room: int) -> list[BuildTarget]:
+    """The target as it is, or its tokens spread over parts that each fit `room` bytes."""
+    if len(json.dumps(target.as_body(), separators=(",", ":"))) + 1 <= room:
+        return [target]
+    bare = replace(target, tokens=(), part=MAX_PARTS - 1, parts=MAX_PARTS)
+    overhead = len(json.dumps(bare.as_body(), separators=(",", ":"))) + 1
+    chunks: list[list[str]] = [[]]
+    size = overhead
+    for token in target.tokens:
+        cost = len(token) + 3  # quotes and comma (tokens are ASCII)
+        if chunks[-1] and size + cost > room:
+            chunks.append([])
+            size = overhead
+        chunks[-1].append(token)
+        size += cost
+    return [replace(target, tokens=tuple(c), part=i, parts=len(chunks)) for i, c in enumerate(chunks)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +200,7 @@ class RetriggerTarget:
     target: str
     oldest_ms: int
     partition: str = ""  # RefreshKey.partition
+    started_at: int | None = None  # the refresh whose build failed (None: a message from before it was sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +225,9 @@ class RetriggerMessage:
             "tenantId": self.tenant_id,
             "attempt": self.attempt,
             "targets": [
-                {"target": t.target, "oldestAt": t.oldest_ms} | ({"partition": t.partition} if t.partition else {})
+                {"target": t.target, "oldestAt": t.oldest_ms}
+                | ({"partition": t.partition} if t.partition else {})
+                | ({"startedAt": t.started_at} if t.started_at is not None else {})
                 for t in self.targets
             ],
         }
@@ -183,24 +273,35 @@ def _tenant_and_targets(data: Mapping[str, Any], what: str) -> tuple[str, list[M
     return tenant, targets
 
 
+def _part(item: Mapping[str, Any]) -> tuple[int, int]:
+    part = item.get("part", [0, 1])
+    if (
+        not isinstance(part, list)
+        or len(part) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in part)
+        or not 0 <= part[0] < part[1] <= MAX_PARTS
+    ):
+        raise ValueError("verify message has an invalid part")
+    return part[0], part[1]
+
+
 def parse_verify(data: Mapping[str, Any]) -> VerifyMessage:
     """A verify message body (already JSON-decoded, kind "verify"); raises ValueError, safe to log."""
     tenant, items = _tenant_and_targets(data, "verify")
     targets = []
     for item in items:
         tokens = item.get("tokens")
-        if (
-            not isinstance(tokens, list)
-            or not tokens
-            or not all(isinstance(t, str) and _TOKEN_RE.match(t) for t in tokens)
-        ):
+        if not isinstance(tokens, list) or not tokens or not all(is_valid_job_token(t) for t in tokens):
             raise ValueError("verify message has invalid job tokens")
+        part, parts = _part(item)
         targets.append(
             BuildTarget(
                 RefreshKey(tenant, item["target"], _partition(item, "verify")),
                 tuple(tokens),
                 _int(item, "startedAt", "verify"),
                 _int(item, "oldestAt", "verify"),
+                part,
+                parts,
             )
         )
     return VerifyMessage(tenant, _int(data, "deadlineAt", "verify"), tuple(targets), _int(data, "poll", "verify"))
@@ -209,7 +310,12 @@ def parse_verify(data: Mapping[str, Any]) -> VerifyMessage:
 def parse_retrigger(data: Mapping[str, Any]) -> RetriggerMessage:
     tenant, items = _tenant_and_targets(data, "retrigger")
     targets = tuple(
-        RetriggerTarget(item["target"], _int(item, "oldestAt", "retrigger"), _partition(item, "retrigger"))
+        RetriggerTarget(
+            item["target"],
+            _int(item, "oldestAt", "retrigger"),
+            _partition(item, "retrigger"),
+            _int(item, "startedAt", "retrigger") if "startedAt" in item else None,
+        )
         for item in items
     )
     failure_class, error = data.get("failureClass", ""), data.get("error", "")
@@ -223,6 +329,19 @@ def parse_retrigger(data: Mapping[str, Any]) -> RetriggerMessage:
         error,
         dead_lettered=data.get("deadLettered") is True,
     )
+
+
+def check_times(message: VerifyMessage | RetriggerMessage, *, now_ms: int) -> None:
+    """Refuse a message naming a time ahead of the function's clock (beyond MAX_CLOCK_SKEW_MS): this
+    function never writes one, so the message is forged or corrupt. Raises ValueError, safe to log."""
+    latest = now_ms + MAX_CLOCK_SKEW_MS
+    if isinstance(message, VerifyMessage):
+        times = [v for t in message.targets for v in (t.started_at, t.oldest_ms)]
+    else:
+        times = [v for t in message.targets for v in (t.started_at, t.oldest_ms) if v is not None]
+    if any(v > latest for v in times):
+        kind = "verify" if isinstance(message, VerifyMessage) else "retrigger"
+        raise ValueError(f"{kind} message names a time in the future (startedAt or oldestAt)")
 
 
 # --------------------------------------------------------------------------- classification
@@ -274,6 +393,15 @@ def _previous_failures(state: KeyState | None, started_at: int) -> int:
     return state.build_failures
 
 
+def _covered(state: KeyState | None, started_at: int) -> bool:
+    """A refresh of the key that started after `started_at` has its verification scheduled (its job
+    tokens are recorded) or its outcome recorded: it covers every mutation the refresh of
+    `started_at` covered, and its own verification settles them."""
+    if state is None:
+        return False
+    return any(v is not None and v > started_at for v in (state.jobs_started_at, state.build_started_at))
+
+
 class BuildVerifier:
     """Schedules verifications of accepted refreshes and settles them when they come due."""
 
@@ -285,6 +413,7 @@ class BuildVerifier:
         telemetry: Telemetry,
         clock: Clock,
         build_timeout_ms: int,
+        map_io: Mapper = serial_map,
     ) -> None:
         self.store = store
         self.cube = cube
@@ -292,38 +421,105 @@ class BuildVerifier:
         self.telemetry = telemetry
         self.clock = clock
         self.build_timeout_ms = build_timeout_ms
+        self._map = map_io
 
-    def schedule(self, tenant_id: str, targets: Sequence[BuildTarget]) -> None:
-        """One verify message for the keys of one accepted tenant request. Raises SchedulerUnavailable."""
+    # -- scheduling (inside the refresh's Cube call: see RefreshService._refresh_all) ------------
+    def schedule(self, tenant_id: str, targets: Sequence[BuildTarget]) -> set[RefreshKey]:
+        """The verify messages of the keys of one accepted tenant request, then their job tokens on
+        the keys' items (for `preagg-refresh jobs`; a failure there is only logged). Answers the keys
+        whose verification could not be scheduled (a send failed): their claims must be released."""
         if not targets:
-            return
+            return set()
         now = self.clock.now_ms()
         deadline = min(t.started_at for t in targets) + self.build_timeout_ms
-        self.queue.send(VerifyMessage(tenant_id, deadline, tuple(targets)), due_at=now + poll_delay_ms(0), now=now)
+        unscheduled: set[RefreshKey] = set()
+        for message in verify_messages(tenant_id, deadline, targets):
+            try:
+                self.queue.send(message, due_at=now + poll_delay_ms(0), now=now)
+            except SchedulerUnavailable as exc:
+                log.error(
+                    "build verification could not be scheduled", extra={"tenant_id": tenant_id, "error": str(exc)}
+                )
+                unscheduled.update(t.key for t in message.targets)
+        for target in targets:
+            if target.key in unscheduled:
+                continue
+            try:
+                self.store.record_jobs(
+                    target.key, started_at=target.started_at, tokens=target.tokens[:MAX_RECORDED_TOKENS]
+                )
+            except StoreUnavailable as exc:
+                log.warning("job tokens not recorded", extra={"key": target.key.pk, "error": str(exc)})
+        return unscheduled
 
+    def still_due(self, message: RetriggerMessage) -> list[tuple[RefreshKey, int]]:
+        """The keys of a re-trigger (with the oldest mutation each covers) that no newer refresh
+        covers yet: a duplicate delivery, or a second re-trigger of the same failed build, finds
+        the refresh the first one started and does nothing. A key whose item cannot be read is due
+        (the debounce protocol then absorbs a copy)."""
+
+        def due(target: RetriggerTarget) -> bool:
+            if target.started_at is None:
+                return True
+            try:
+                state = self.store.get(RefreshKey(message.tenant_id, target.target, target.partition))
+            except StoreUnavailable:
+                return True
+            return not _covered(state, target.started_at)
+
+        flags = self._map(due, message.targets)
+        return [item for item, flag in zip(message.refresh_keys(), flags, strict=True) if flag]
+
+    # -- settling -----------------------------------------------------------------------------
     def process(self, messages: Iterable[tuple[RecordRef, VerifyMessage]], *, deadline_ms: int) -> set[RecordRef]:
-        """Settle due verify messages; one Cube request per tenant. Returns the refs to redeliver."""
+        """Settle due verify messages: Cube is polled once per tenant (tenants side by side), then
+        each message is settled, its per-key writes side by side. Polls and settlements start only
+        in the first two thirds of the time left; a message not started by then is sent again, due
+        at once. Returns the refs to redeliver."""
         by_tenant: dict[str, list[tuple[RecordRef, VerifyMessage]]] = defaultdict(list)
         for ref, message in messages:
             by_tenant[message.tenant_id].append((ref, message))
-        failed: set[RecordRef] = set()
-        for tenant_id, items in sorted(by_tenant.items()):
-            tokens = sorted({tok for _, m in items for t in m.targets for tok in t.tokens})
-            answer: Mapping[str, JobStatus] | CubeError
-            try:
-                answer = self.cube.job_statuses(tenant_id, tokens, deadline_ms=deadline_ms)
-            except CubeError as exc:
-                answer = exc
-            for ref, message in items:
+        now = self.clock.now_ms()
+        cutoff = now + 2 * max(0, deadline_ms - now) // 3
+        tenants = sorted(by_tenant)
+
+        def poll(tenant_id: str) -> Mapping[str, JobStatus] | CubeError:
+            tokens = sorted({tok for _, m in by_tenant[tenant_id] for t in m.targets for tok in t.tokens})
+            answer: dict[str, JobStatus] = {}
+            for start in range(0, len(tokens), MAX_TOKENS_PER_POLL):
+                chunk = tokens[start : start + MAX_TOKENS_PER_POLL]
                 try:
-                    self._settle(message, answer)
+                    answer.update(self.cube.job_statuses(tenant_id, chunk, deadline_ms=cutoff))
+                except CubeError as exc:
+                    return exc
+            return answer
+
+        failed: set[RecordRef] = set()
+        for tenant_id, answer in zip(tenants, self._map(poll, tenants), strict=True):
+            for ref, message in by_tenant[tenant_id]:
+                try:
+                    if self.clock.now_ms() >= cutoff:
+                        self._continue_later(message)
+                    else:
+                        self._settle(message, answer)
                 except (StoreUnavailable, SchedulerUnavailable) as exc:
                     log.warning("build verification failed", extra={"tenant_id": tenant_id, "error": str(exc)})
                     failed.add(ref)
         return failed
 
+    def _continue_later(self, message: VerifyMessage) -> None:
+        """Out of time before this message was settled: the same message again, due at once."""
+        now = self.clock.now_ms()
+        self.queue.send(message, due_at=now, now=now)
+
     def _settle(self, message: VerifyMessage, answer: Mapping[str, JobStatus] | CubeError) -> None:
         now = self.clock.now_ms()
+        # The build deadline is the earliest refresh start plus the build timeout, whatever the
+        # message says: a forged deadline cannot keep a stuck build polled for ever.
+        message = replace(
+            message,
+            deadline_at=min(message.deadline_at, min(t.started_at for t in message.targets) + self.build_timeout_ms),
+        )
         if isinstance(answer, CubeError):
             self.telemetry.count("CubeErrors")
             self.telemetry.count("CubeErrorsByClass", dimension=("ErrorClass", answer.error_class))
@@ -345,36 +541,49 @@ class BuildVerifier:
         if pending:
             self._poll_again(message, pending, now)
         self._fail([v for v in verdicts if v.state == "failed"], message.tenant_id, now)
-        for verdict in verdicts:
-            if verdict.state == "done":
-                self._done(verdict.target, now)
+        self._done_all([v.target for v in verdicts if v.state == "done"], now)
 
     def _poll_again(self, message: VerifyMessage, targets: list[BuildTarget], now: int) -> None:
         later = replace(message, targets=tuple(targets), poll=message.poll + 1)
         due = min(now + poll_delay_ms(later.poll), max(now, message.deadline_at))
         self.queue.send(later, due_at=due, now=now)
 
-    def _done(self, target: BuildTarget, now: int) -> None:
-        lag = max(0, now - target.oldest_ms)
-        record = BuildRecord(target.started_at, "done", now, freshness_lag_ms=lag, failures=0)
-        if not self.store.record_build(target.key, record):
-            return  # a duplicate, or a newer refresh already settled: it was measured then
-        self.telemetry.count("BuildsSucceeded")
-        self.telemetry.timing("FreshnessLag", lag)
-        self.telemetry.timing("BuildDuration", max(0, now - target.started_at))
-        log.info(
-            "build done",
-            extra={"key": target.key.pk, "freshness_lag_ms": lag, "build_ms": max(0, now - target.started_at)},
-        )
+    def _done_all(self, targets: list[BuildTarget], now: int) -> None:
+        """Record each done build (the writes side by side), then measure the ones recorded here."""
+
+        def record_done(target: BuildTarget) -> bool:
+            if target.parts > 1:
+                noted = self.store.record_part(target.key, started_at=target.started_at, part=target.part)
+                if not noted >= set(range(target.parts)):
+                    return False  # other parts are still being built (or a newer refresh settles it)
+            lag = max(0, now - target.oldest_ms)
+            done = BuildRecord(target.started_at, "done", now, freshness_lag_ms=lag, failures=0)
+            return self.store.record_build(target.key, done)
+
+        for target, recorded in zip(targets, self._map(record_done, targets), strict=True):
+            if not recorded:
+                continue  # a duplicate, or a newer refresh already settled: it was measured then
+            lag = max(0, now - target.oldest_ms)
+            self.telemetry.count("BuildsSucceeded")
+            self.telemetry.timing("FreshnessLag", lag)
+            self.telemetry.timing("BuildDuration", max(0, now - target.started_at))
+            log.info(
+                "build done",
+                extra={"key": target.key.pk, "freshness_lag_ms": lag, "build_ms": max(0, now - target.started_at)},
+            )
 
     def _fail(self, verdicts: list[Verdict], tenant_id: str, now: int) -> None:
-        """Send the re-triggers and dead letters first, then record the outcomes (conditionally)."""
+        """Send the re-triggers and dead letters first, then record the outcomes (conditionally).
+        The reads and the records of the keys run side by side."""
+        by_key: dict[RefreshKey, Verdict] = {}
+        for verdict in verdicts:  # parts of one refresh that failed together settle the key once
+            by_key.setdefault(verdict.target.key, verdict)
+        verdicts = list(by_key.values())
         plans: list[tuple[Verdict, BuildRecord]] = []
         retrigger: dict[int, list[Verdict]] = defaultdict(list)
         dead: list[tuple[Verdict, int]] = []
-        for verdict in verdicts:
+        for verdict, state in zip(verdicts, self._map(lambda v: self.store.get(v.target.key), verdicts), strict=True):
             target = verdict.target
-            state = self.store.get(target.key)
             if state is not None and state.build_started_at is not None and state.build_started_at >= target.started_at:
                 continue  # settled already (a duplicate message, or a newer refresh): nothing to do
             failures = _previous_failures(state, target.started_at) + 1
@@ -400,26 +609,24 @@ class BuildVerifier:
                     ),
                 )
             )
-        for attempt, group in sorted(retrigger.items()):
-            msg = RetriggerMessage(
-                tenant_id,
-                tuple(RetriggerTarget(v.target.key.target, v.target.oldest_ms, v.target.key.partition) for v in group),
-                attempt,
-            )
-            self.queue.send(msg, due_at=now + RETRIGGER_DELAYS_MS[attempt - 1], now=now)
+        for attempt, group in sorted(retrigger.items()):  # (a message of at most 100 keys: well under 256 KiB)
+            for start in range(0, len(group), MAX_TARGETS_PER_MESSAGE):
+                chunk = group[start : start + MAX_TARGETS_PER_MESSAGE]
+                msg = RetriggerMessage(tenant_id, tuple(_retrigger_target(v.target) for v in chunk), attempt)
+                self.queue.send(msg, due_at=now + RETRIGGER_DELAYS_MS[attempt - 1], now=now)
         for verdict, failures in dead:
-            target = verdict.target
             letter = RetriggerMessage(
                 tenant_id,
-                (RetriggerTarget(target.key.target, target.oldest_ms, target.key.partition),),
+                (_retrigger_target(verdict.target),),
                 failures,
                 verdict.failure_class,
                 verdict.error,
                 dead_lettered=True,
             )
             self.queue.dead_letter(letter)
-        for verdict, record in plans:
-            if not self.store.record_build(verdict.target.key, record):
+        recorded = self._map(lambda plan: self.store.record_build(plan[0].target.key, plan[1]), plans)
+        for (verdict, record), ok in zip(plans, recorded, strict=True):
+            if not ok:
                 continue
             self.telemetry.count("BuildsFailed", dimension=("FailureClass", verdict.failure_class))
             if record.retrigger_due_at is not None:
@@ -435,3 +642,7 @@ class BuildVerifier:
                 log.error("build failed after its re-triggers: dead-lettered", extra=log_extra)
             else:
                 log.warning("build failed", extra=log_extra)
+
+
+def _retrigger_target(target: BuildTarget) -> RetriggerTarget:
+    return RetriggerTarget(target.key.target, target.oldest_ms, target.key.partition, target.started_at)
