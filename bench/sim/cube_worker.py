@@ -43,6 +43,10 @@ KINDS = ("every", "sql", "filter", "incremental")
 DEFAULT_KEY_EVERY_S = 10  # a cube without refreshKey: `every: 10 seconds`, renewal threshold 10 s
 DAY_S = 86_400
 RANGE_RENEWAL_S = DAY_S  # partition-range queries without a key change
+# Cube stamps a cached result when its query completes, not when the tick asked for it: with many keys
+# queued behind Cube's 2 PostgreSQL slots that was up to about a second after the tick here. A key read
+# at a tick exactly one threshold after the last is then still fresh.
+STAMP_DELAY_S = 1.0
 OUTSIDE_WINDOW_RENEWAL_S = DAY_S  # an incremental key past its update window
 
 
@@ -53,8 +57,8 @@ def every_threshold(every_s: float) -> float:
 
 def renewal_period(threshold_s: float, timer_s: float) -> float:
     """Seconds between two reads of a cached key at ticks `timer_s` apart: it is re-read at the first
-    tick at which it is older than the threshold (strictly)."""
-    return timer_s * (math.floor(threshold_s / timer_s) + 1)
+    tick at which it is older than the threshold (strictly), counted from when it was stamped."""
+    return timer_s * (math.floor((threshold_s + STAMP_DELAY_S) / timer_s) + 1)
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ class TickModel:
         if entry is None or t - entry.at > threshold:
             # The default key's SQL is an `every: 10 second` key's: counted apart whoever reads it.
             counts["default-key" if ident[:2] == ("every", float(DEFAULT_KEY_EVERY_S)) else what] += 1
-            self.cache[ident] = entry = _Entry(t, value)
+            self.cache[ident] = entry = _Entry(t + STAMP_DELAY_S, value)
         return entry.value
 
     def _range(self, counts: Counter[str], ident: tuple[object, ...], renewal: object, t: float) -> None:
