@@ -191,11 +191,7 @@ def run_kind(stack: Any, kind: str, args: argparse.Namespace) -> Run:
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     pg_log = stack.logs / "postgres.log"
     try:
-        deadline = time.monotonic() + 120
-        while _proc.http_status(f"http://127.0.0.1:{port}/readyz") != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the refresh-worker Cube did not start; see {log_path}")
-            time.sleep(0.5)
+        _proc.wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, what=f"refresh-worker Cube ({log_path})")
         time.sleep(args.warmup_s)  # its first ticks build every table of the new model version
         start_byte = pg_log.stat().st_size
         began = time.time()
