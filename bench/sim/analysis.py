@@ -61,6 +61,7 @@ class Design:
     busy_per_hour: list[float] = field(default_factory=lambda: [0.0] * 24)  # slot-seconds
     jobs_per_hour: list[float] = field(default_factory=lambda: [0.0] * 24)  # arrivals waking the warehouse
     peak_utilisation: float = 0.0  # of the configured slots, peak hour
+    onset_load: float = 0.0  # peak-hour slot-seconds per second before any re-trigger feedback
     slots_needed: int = 0
     lag_p50: float = math.nan  # with the configured slots (queue simulated over the day)
     lag_p99: float = math.nan
@@ -153,6 +154,7 @@ def ours(sc: Scenario, r: OursResult, name: str = "event-driven (this project)")
     peak = max(d.busy_per_hour) / HOUR_S
     d.peak_utilisation = peak / sc.cube_concurrency
     d.slots_needed = slots_for(peak, sc.cube_concurrency)
+    d.onset_load = max(r.first_builds_per_hour) * sc.build_s / HOUR_S
     rows = r.rows
     never = r.uncovered
     total = float(rows[:, 3].sum()) + never if rows.size else never
@@ -221,6 +223,7 @@ def seed_design(sc: Scenario, r: OursResult, instances: int) -> Design:
     peak = max(d.busy_per_hour) / HOUR_S
     d.peak_utilisation = peak / sc.cube_concurrency
     d.slots_needed = slots_for(peak, sc.cube_concurrency)
+    d.onset_load = peak
     rows = np.array(claims) if claims else np.zeros((0, 4))
     _queue_freshness(d, sc, rows[:, 0], rows[:, 1], rows[:, 3], [p / HOUR_S for p in posts_per_hour], tables, uncovered)
     d.stale_share = uncovered / (float(rows[:, 3].sum()) + uncovered) if rows.size or uncovered else 0.0
@@ -322,6 +325,7 @@ def cube_worker(sc: Scenario, kind: str, every_s: float, p: Pricing, pop: Popula
     work = [h.builds * sc.build_s + (h.key_queries + h.range_queries) * sc.key_query_s for h in nominal]
     stretch = [max(1.0, w / HOUR_S / n) for w in work]
     d.peak_utilisation = max(work) / HOUR_S / n  # the load it would bring; it runs at most n slots busy
+    d.onset_load = max(work) / HOUR_S
     d.slots_needed = slots_for(max(work) / HOUR_S, n)
     d.key_queries = sum((h.key_queries + h.range_queries) / f for h, f in zip(nominal, stretch, strict=True))
     d.partitions_built = sum(h.builds / f for h, f in zip(nominal, stretch, strict=True))

@@ -294,6 +294,8 @@ class SimCube:
             builds = self.layout.builds(selector.body)
             done_s = self.queue.post(now_s, builds, weight, load=self.load)
             self.meter.add("partitions_built", tenant_id, builds)
+            if self.meter.origin is None:  # not a re-trigger of a build that failed or timed out
+                self.meter.add("first_builds", tenant_id, builds)
             done_ms = DAY0_MS + math.ceil(done_s * 1000)
             answers.append([f"{done_ms}-{i}" for i in range(builds)])
         return answers
@@ -442,6 +444,7 @@ class OursResult:
     rows: np.ndarray  # (oldest_s, claim lag, done lag, weight) per covered record group
     builds_per_hour: list[float]
     posts_per_hour: list[float]
+    first_builds_per_hour: list[float]  # without the re-triggers: the load before any feedback
     uncovered: float
     hot_key_max_wcu: int
     msk_invocations: float
@@ -673,6 +676,7 @@ def run_ours(sc: Scenario, *, keep_batches: bool = True) -> OursResult:
     rows: list[np.ndarray] = []
     builds_per_hour = [0.0] * 24
     posts_per_hour = [0.0] * 24
+    first_per_hour = [0.0] * 24
     uncovered = 0.0
     all_batches: dict[int, list[KeyBatch]] = {}
     slices: dict[int, tuple[float, float]] = {}
@@ -695,6 +699,7 @@ def run_ours(sc: Scenario, *, keep_batches: bool = True) -> OursResult:
         fork = day.copy()
         snapshot: list[CubeQueue] = []
         built_before = meter.counts["partitions_built"]
+        first_before = meter.counts["first_builds"]
         posts_before = meter.counts["cube_posts"]
         setup = SliceSetup(
             sc, meter, weight_of, plan.hour_scale, cube_rng, settings=settings, queue=fork, verify=sc.verify,
@@ -705,6 +710,7 @@ def run_ours(sc: Scenario, *, keep_batches: bool = True) -> OursResult:
         backlog.extend((t, w) for t, w in fork.samples if start <= t < end)
         day = snapshot[0] if snapshot else fork
         posts_per_hour[hour] = meter.counts["cube_posts"] - posts_before
+        first_per_hour[hour] = meter.counts["first_builds"] - first_before
         rate = builds_per_hour[hour] / HOUR_S * sc.build_s
         if coverage.rows:
             rows.append(np.array(coverage.rows))
@@ -718,6 +724,7 @@ def run_ours(sc: Scenario, *, keep_batches: bool = True) -> OursResult:
         np.concatenate(rows) if rows else np.zeros((0, 4)),
         builds_per_hour,
         posts_per_hour,
+        first_per_hour,
         uncovered,
         hot_max,
         invocations,
