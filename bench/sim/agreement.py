@@ -305,7 +305,17 @@ def _play_through_event_sources(
             producer.poll(0)
         producer.flush(15)
         del producer  # before the topic's cluster stops
-        time.sleep(sc.window_s + 8)  # the last trailing refreshes: one window, SQS delivery, the poll
+        # The last trailing refreshes (one window, SQS delivery) and their verifications (2 s later, then
+        # delivered): wait at least that long, then until the mappings' journal has been quiet for 8 s
+        # (a loaded machine delays the deliveries; counting too early misses them).
+        time.sleep(sc.window_s + 8)
+        quiet_since, size = time.monotonic(), journal.stat().st_size if journal.exists() else 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 8:
+            time.sleep(1)
+            now_size = journal.stat().st_size if journal.exists() else 0
+            if now_size != size:
+                quiet_since, size = time.monotonic(), now_size
         entries = [json.loads(line) for line in journal.read_bytes()[journal_at:].decode().splitlines() if line]
         # Cube's log does not say a job POST's action: verification's `get` polls are POSTs to the same
         # path. Both are counted, and compared with the simulated POSTs + GETs.
