@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness scale bench-sim \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness bench-overload scale bench-sim \
         bench-cube-worker stack-start stack-stop stack-status clean deploy grafana
 
 help:
@@ -65,6 +65,11 @@ bench: venv ## benchmarks (on demand): handler throughput/memory, cold import, d
 
 bench-freshness: venv ## freshness end to end on the local stack, this worker vs Cube's refresh worker (~5 min)
 	$(PY) bench/bench_freshness.py
+
+# BEHAVIOURS: name=code[+VAR=value...] each, code being src, a directory with src/handler or a commit.
+BEHAVIOURS ?= today=src
+bench-overload: venv ## Cube's build queue saturated for minutes, behaviours side by side (~6 min each)
+	$(PY) bench/bench_overload.py $(foreach b,$(BEHAVIOURS),--behaviour $(b)) $(BENCH_ARGS)
 
 .venv/.bench-installed: requirements-bench.txt $(VENV_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt

@@ -53,16 +53,39 @@ function refreshKeyFor(source, cubeName, partitioned) {
   return `refreshKey: { ${every}, sql: \`SELECT MAX(created_at) FROM ${table} WHERE ${tenant}${partition}\` }`;
 }
 
-class RefreshKeyVariantRepository extends FileRepository {
+// Benchmark only (bench/bench_overload.py saturates Cube's build queue): CUBE_MODEL_BUILD_SLEEP_S (e.g.
+// "0.5") makes every build of a `Users` rollup (its `CREATE TABLE ... AS SELECT`) wait that long in
+// PostgreSQL (`pg_sleep` in an uncorrelated subquery, run once per statement and only when the statement
+// is a CREATE TABLE), a stand-in for a warehouse whose builds take long without burning CPU here; and
+// CUBE_BUILD_CONCURRENCY sets the pre-aggregation build queue's concurrency (without it Cube takes the
+// driver's default: 2 for PostgreSQL). Unset, neither changes anything.
+const BUILD_SLEEP_S = Number(process.env.CUBE_MODEL_BUILD_SLEEP_S || 0);
+const BUILD_CONCURRENCY = Number(process.env.CUBE_BUILD_CONCURRENCY || 0);
+const USERS_FROM = 'FROM public.users WHERE ';
+const SLOW_BUILD =
+  `(SELECT count(*) FROM pg_sleep(CASE WHEN current_query() ~* '^[[:space:]]*create[[:space:]]+table' ` +
+  `THEN ${BUILD_SLEEP_S} ELSE 0 END)) = 1 AND `;
+
+class BenchModelRepository extends FileRepository {
   async dataSchemaFiles(includeDependencies) {
     const files = await super.dataSchemaFiles(includeDependencies);
     return files.map((file) => {
-      const cubeName = (/cube\('(\w+)'/.exec(file.content) || [])[1];
-      // A pre-aggregation with partitionGranularity before its constant key is the partitioned one.
-      const content = file.content.replace(
-        /(partitionGranularity: '\w+',[\s\S]*?)?refreshKey: \{ sql: 'SELECT 0' \}/g,
-        (match, partitionedPart) => (partitionedPart || '') + refreshKeyFor(file.content, cubeName, !!partitionedPart),
-      );
+      let { content } = file;
+      if (REFRESH_EVERY) {
+        const cubeName = (/cube\('(\w+)'/.exec(content) || [])[1];
+        const source = content;
+        // A pre-aggregation with partitionGranularity before its constant key is the partitioned one.
+        content = content.replace(
+          /(partitionGranularity: '\w+',[\s\S]*?)?refreshKey: \{ sql: 'SELECT 0' \}/g,
+          (match, partitionedPart) => (partitionedPart || '') + refreshKeyFor(source, cubeName, !!partitionedPart),
+        );
+      }
+      if (BUILD_SLEEP_S > 0 && /cube\('Users'/.test(content)) {
+        if (!content.includes(USERS_FROM)) {
+          throw new Error(`CUBE_MODEL_BUILD_SLEEP_S: ${file.fileName} no longer contains "${USERS_FROM}"`);
+        }
+        content = content.replace(USERS_FROM, USERS_FROM + SLOW_BUILD);
+      }
       return { ...file, content };
     });
   }
@@ -81,7 +104,10 @@ function requireTenant(securityContext) {
 }
 
 module.exports = {
-  ...(REFRESH_EVERY ? { repositoryFactory: () => new RefreshKeyVariantRepository('model') } : {}),
+  ...(REFRESH_EVERY || BUILD_SLEEP_S > 0 ? { repositoryFactory: () => new BenchModelRepository('model') } : {}),
+  ...(BUILD_CONCURRENCY > 0
+    ? { orchestratorOptions: { preAggregationsOptions: { queueOptions: { concurrency: BUILD_CONCURRENCY } } } }
+    : {}),
   ...(REFRESH_TENANTS.length
     ? { scheduledRefreshContexts: async () => REFRESH_TENANTS.map((tenantId) => ({ securityContext: { tenantId } })) }
     : {}),

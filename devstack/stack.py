@@ -647,38 +647,14 @@ class Stack:
             if current != secret:
                 sm.put_secret_value(SecretId=CUBE_SECRET_NAME, SecretString=secret)
         sqs: SQSClient = self._aws("sqs", port)
-        from devstack.template import event_sources  # noqa: PLC0415 - PyYAML: status/stop run without .venv
-
-        # As template.yaml sets the trailing queue: visibility timeout and redrive to the DLQ.
-        sources = event_sources(self.root / "template.yaml")
-        dlq_url = sqs.create_queue(QueueName=REFRESH_DLQ_NAME)["QueueUrl"]
-        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        queue_url = sqs.create_queue(QueueName=REFRESH_QUEUE_NAME)["QueueUrl"]
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(sources.max_receive_count)}
-        sqs.set_queue_attributes(
-            QueueUrl=queue_url,
-            Attributes={"VisibilityTimeout": str(sources.visibility_timeout_s), "RedrivePolicy": json.dumps(redrive)},
-        )
+        create_refresh_queues(sqs, self.root / "template.yaml", REFRESH_QUEUE_NAME, REFRESH_DLQ_NAME)
 
     def _provision_dynalite(self) -> None:
         port = self._ports()["dynalite"]
         ddb: DynamoDBClient = self._aws("dynamodb", port)
         if DEBOUNCE_TABLE_NAME in ddb.list_tables()["TableNames"]:
             return
-        from devstack.template import debounce_table_spec  # noqa: PLC0415
-
-        spec = debounce_table_spec(self.root / "template.yaml")
-        kwargs: dict[str, Any] = {
-            "TableName": DEBOUNCE_TABLE_NAME,
-            "KeySchema": spec.key_schema,
-            "AttributeDefinitions": spec.attribute_definitions,
-            "BillingMode": "PAY_PER_REQUEST",
-        }
-        if spec.global_secondary_indexes:
-            kwargs["GlobalSecondaryIndexes"] = spec.global_secondary_indexes
-        ddb.create_table(**kwargs)
-        ddb.get_waiter("table_exists").wait(TableName=DEBOUNCE_TABLE_NAME, WaiterConfig={"Delay": 1})
-        # dynalite has no UpdateTimeToLive (docs/local-stack-notes.md); TTL never expires items locally anyway.
+        create_debounce_table(ddb, self.root / "template.yaml", DEBOUNCE_TABLE_NAME)
 
     def _check_cube_model(self) -> None:
         """An authenticated /v1/meta for tenant-a: proves the model compiles, not just that Cube listens."""
@@ -727,6 +703,41 @@ class Stack:
         for path in (self.state / "env.json", self.state / "env.sh"):
             path.chmod(0o600)
         return env
+
+
+def create_refresh_queues(sqs: SQSClient, template: Path, name: str, dlq_name: str) -> tuple[str, str]:
+    """The refresh queue and its dead-letter queue as template.yaml sets them (visibility timeout, redrive
+    after maxReceiveCount); (queue URL, DLQ URL). Idempotent."""
+    from devstack.template import event_sources  # noqa: PLC0415 - PyYAML: status/stop run without .venv
+
+    sources = event_sources(template)
+    dlq_url = sqs.create_queue(QueueName=dlq_name)["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(sources.max_receive_count)}
+    sqs.set_queue_attributes(
+        QueueUrl=queue_url,
+        Attributes={"VisibilityTimeout": str(sources.visibility_timeout_s), "RedrivePolicy": json.dumps(redrive)},
+    )
+    return queue_url, dlq_url
+
+
+def create_debounce_table(ddb: DynamoDBClient, template: Path, name: str) -> None:
+    """A table with the debounce table's key schema and indexes from template.yaml, once it is ACTIVE."""
+    from devstack.template import debounce_table_spec  # noqa: PLC0415
+
+    spec = debounce_table_spec(template)
+    kwargs: dict[str, Any] = {
+        "TableName": name,
+        "KeySchema": spec.key_schema,
+        "AttributeDefinitions": spec.attribute_definitions,
+        "BillingMode": "PAY_PER_REQUEST",
+    }
+    if spec.global_secondary_indexes:
+        kwargs["GlobalSecondaryIndexes"] = spec.global_secondary_indexes
+    ddb.create_table(**kwargs)
+    ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1})
+    # dynalite has no UpdateTimeToLive (docs/local-stack-notes.md); TTL never expires items locally anyway.
 
 
 # PID files written by an older devstack hold no start time: such a process is ours only if its
