@@ -5,7 +5,7 @@ export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
 .PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness bench-overload scale bench-sim \
-        stack-start stack-stop stack-status clean deploy grafana
+        bench-cube-worker stack-start stack-stop stack-status clean deploy grafana
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -75,12 +75,15 @@ bench-overload: venv ## Cube's build queue saturated for minutes, behaviours sid
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	@touch $@
 
-scale: .venv/.bench-installed ## regenerate docs/scale.md's tables and docs/scale-*.png by simulation (~5 min)
-	$(PY) -m bench.sim.report
+scale: .venv/.bench-installed ## docs/scale.md's tables and plots by simulation (CONFIG=ours.yaml: your own numbers, into scale-out/)
+	$(PY) -m bench.sim.report $(if $(CONFIG),--config $(CONFIG))
 
 bench-sim: venv ## the simulation's smallest scenario against the real local stack, handler driven directly and through the local event sources (~3 min)
 	$(PY) -m bench.sim.agreement
 	$(PY) -m bench.sim.agreement --event-sources
+
+bench-cube-worker: venv ## Cube's own refresh worker vs its model (bench/sim/cube_worker.py), statements per tick, 4 refresh key kinds (~5 min)
+	$(PY) -m bench.sim.cube_worker_check
 
 stack-start: venv ## start PostgreSQL, Cube, dynalite, moto, Kafka, the event sources (idempotent); function settings given (CUBE_PREAGG_DEBOUNCE_MS=5000 ...) are kept until stack-stop; PRECISE=1: the partition-precise map, PRECISE=0: the default
 	$(call only_vars,PRECISE CUBE_% ENTITY_CUBE_MAP)

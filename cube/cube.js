@@ -7,14 +7,51 @@
 const { UserError } = require('@cubejs-backend/api-gateway');
 const { FileRepository } = require('@cubejs-backend/shared');
 
-// Benchmark only (bench/bench_freshness.py runs Cube's own refresh worker beside this project's):
-// CUBE_MODEL_REFRESH_EVERY (e.g. "10 second") serves cube/model with every constant refresh key
-// replaced by `{ every: ... }`, and CUBE_REFRESH_TENANTS (comma-separated) lists the tenants the
-// refresh worker builds for, CUBE_REFRESH_TIMER_S how often it runs (Cube's default: 30 s). Unset
-// (tests, demo), the model is read as it is on disk and there is no refresh worker.
+// Benchmarks only (bench/bench_freshness.py and bench/sim/cube_worker_check.py run Cube's own refresh
+// worker). Unset (tests, demo), the model is read as it is on disk and there is no refresh worker.
+// - CUBE_MODEL_REFRESH_EVERY (e.g. "10 second"): every constant refresh key of cube/model is served
+//   as a real one, of the kind CUBE_MODEL_REFRESH_KEY names (default `every`):
+//     every        `{ every }`
+//     sql          `{ every, sql: SELECT MAX(created_at) of the tenant's rows }` (one key per tenant)
+//     filter       the same, and the partitioned rollup's key also filters on its partition
+//                  (FILTER_PARAMS: Cube's "refreshing select partitions" recipe)
+//     incremental  `{ every }`, and the partitioned rollup's key `{ every, incremental: true,
+//                  updateWindow: CUBE_MODEL_UPDATE_WINDOW }` (default "7 day")
+// - CUBE_REFRESH_TENANTS (comma-separated): the tenants the refresh worker builds for;
+//   CUBE_REFRESH_TIMER_S: how often it runs (Cube's default: 30 s).
 const REFRESH_EVERY = process.env.CUBE_MODEL_REFRESH_EVERY;
+const REFRESH_KIND = process.env.CUBE_MODEL_REFRESH_KEY || 'every';
+const UPDATE_WINDOW = process.env.CUBE_MODEL_UPDATE_WINDOW || '7 day';
 const REFRESH_TENANTS = (process.env.CUBE_REFRESH_TENANTS || '').split(',').filter(Boolean);
 const REFRESH_TIMER_S = Number(process.env.CUBE_REFRESH_TIMER_S || 0);
+const REFRESH_KINDS = ['every', 'sql', 'filter', 'incremental'];
+if (REFRESH_EVERY && !REFRESH_KINDS.includes(REFRESH_KIND)) {
+  throw new Error(`CUBE_MODEL_REFRESH_KEY must be one of ${REFRESH_KINDS.join(', ')}, got ${REFRESH_KIND}`);
+}
+
+// The refresh key a constant key is replaced with. `source` is the cube's file: its table and tenant
+// filter are read from its `sql` (`FROM public.<table> WHERE ${SECURITY_CONTEXT.tenantId.filter('<col>')}`).
+function refreshKeyFor(source, cubeName, partitioned) {
+  const every = `every: '${REFRESH_EVERY}'`;
+  const found = /FROM (public\.\w+) WHERE \$\{SECURITY_CONTEXT\.tenantId\.filter\('(\w+)'\)\}/.exec(source);
+  if (REFRESH_KIND === 'every' || !found) {
+    if (REFRESH_KIND === 'incremental' && partitioned) {
+      return `refreshKey: { ${every}, incremental: true, updateWindow: '${UPDATE_WINDOW}' }`;
+    }
+    return `refreshKey: { ${every} }`;
+  }
+  if (REFRESH_KIND === 'incremental') {
+    return partitioned
+      ? `refreshKey: { ${every}, incremental: true, updateWindow: '${UPDATE_WINDOW}' }`
+      : `refreshKey: { ${every} }`;
+  }
+  const [, table, column] = found;
+  const tenant = `\${SECURITY_CONTEXT.tenantId.filter('${column}')}`;
+  const partition = REFRESH_KIND === 'filter' && partitioned
+    ? ` AND \${FILTER_PARAMS.${cubeName}.createdAt.filter('created_at')}`
+    : '';
+  return `refreshKey: { ${every}, sql: \`SELECT MAX(created_at) FROM ${table} WHERE ${tenant}${partition}\` }`;
+}
 
 // Benchmark only (bench/bench_overload.py saturates Cube's build queue): CUBE_MODEL_BUILD_SLEEP_S (e.g.
 // "0.5") makes every build of a `Users` rollup (its `CREATE TABLE ... AS SELECT`) wait that long in
@@ -35,7 +72,13 @@ class BenchModelRepository extends FileRepository {
     return files.map((file) => {
       let { content } = file;
       if (REFRESH_EVERY) {
-        content = content.replace(/refreshKey: \{ sql: 'SELECT 0' \}/g, `refreshKey: { every: '${REFRESH_EVERY}' }`);
+        const cubeName = (/cube\('(\w+)'/.exec(content) || [])[1];
+        const source = content;
+        // A pre-aggregation with partitionGranularity before its constant key is the partitioned one.
+        content = content.replace(
+          /(partitionGranularity: '\w+',[\s\S]*?)?refreshKey: \{ sql: 'SELECT 0' \}/g,
+          (match, partitionedPart) => (partitionedPart || '') + refreshKeyFor(source, cubeName, !!partitionedPart),
+        );
       }
       if (BUILD_SLEEP_S > 0 && /cube\('Users'/.test(content)) {
         if (!content.includes(USERS_FROM)) {

@@ -142,6 +142,15 @@ def spawn(
     return proc.pid
 
 
+def wait_for_http(url: str, *, timeout: float, what: str) -> None:
+    """Poll `url` until it answers 200; a RuntimeError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while http_status(url) != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def terminate(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
     """Signal `pid`, wait for it to exit, SIGKILL it after `timeout`."""
     try:

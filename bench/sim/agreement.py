@@ -261,8 +261,8 @@ def _play_through_event_sources(
 ) -> dict[str, float]:
     """The same mutations produced to the local Kafka topic at their times; the stack's own event source
     mappings (devstack/esm.py: Kafka batching, SQS delivery) invoke the function in their process. Counted
-    from outside: Cube job POSTs in Cube's own log, invocations and SQS messages in the mappings'
-    journal. DynamoDB writes are not visible from here."""
+    from outside: requests to Cube's jobs endpoint in its own log (POSTs and verification's polls),
+    invocations and SQS messages in the mappings' journal. DynamoDB writes are not visible from here."""
     from confluent_kafka import Producer  # noqa: PLC0415 - dev dependency
 
     from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
@@ -305,15 +305,27 @@ def _play_through_event_sources(
             producer.poll(0)
         producer.flush(15)
         del producer  # before the topic's cluster stops
-        time.sleep(sc.window_s + 8)  # the last trailing refreshes: one window, SQS delivery, the poll
+        # The last trailing refreshes (one window, SQS delivery) and their verifications (2 s later, then
+        # delivered): wait at least that long, then until the mappings' journal has been quiet for 8 s
+        # (a loaded machine delays the deliveries; counting too early misses them).
+        time.sleep(sc.window_s + 8)
+        quiet_since, size = time.monotonic(), journal.stat().st_size if journal.exists() else 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 8:
+            time.sleep(1)
+            now_size = journal.stat().st_size if journal.exists() else 0
+            if now_size != size:
+                quiet_since, size = time.monotonic(), now_size
         entries = [json.loads(line) for line in journal.read_bytes()[journal_at:].decode().splitlines() if line]
-        posts = sum(
+        # Cube's log does not say a job POST's action: verification's `get` polls are POSTs to the same
+        # path. Both are counted, and compared with the simulated POSTs + GETs.
+        requests = sum(
             1
             for line in cube_log.read_bytes()[cube_at:].decode(errors="replace").splitlines()
             if '"path":"/cubejs-api/v1/pre-aggregations/jobs"' in line and '"method":"POST"' in line
         )
         return {
-            "cube_posts": posts,
+            "cube_requests": requests,
             "records": sum(e["records"] for e in entries if e["source"] == "kafka"),
             "msk_invocations": sum(1 for e in entries if e["source"] == "kafka"),
             "sqs_received": sum(e["records"] for e in entries if e["source"] == "sqs"),
@@ -333,6 +345,11 @@ def stack_topic() -> str:
     from devstack.template import event_sources  # noqa: PLC0415
 
     return event_sources(ROOT / "template.yaml").topic
+
+
+def with_requests(counts: dict[str, float]) -> dict[str, float]:
+    """Cube's jobs endpoint receives the job POSTs and verification's `get` polls alike."""
+    return counts | {"cube_requests": counts.get("cube_posts", 0.0) + counts.get("cube_gets", 0.0)}
 
 
 def agrees(simulated: float, measured: float) -> bool:
@@ -367,15 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     compared = COMPARED
     if args.event_sources:  # the local mapping is one consumer for all partitions: one batch stream
         live = live.with_(partitions=1)
-        compared = ("cube_posts", "msk_invocations", "sqs_received")
+        compared = ("cube_requests", "msk_invocations", "sqs_received")
     batches, start, end = make_schedule(live, args.seconds)
     records = sum(kb.count for kb in batches)
     print(f"schedule: {len(batches)} key-batches, {records} mutations, {args.seconds} s, W = {live.window_s:g} s")
     model_w = args.model_window_s if args.model_window_s is not None else live.window_s
     flushes = len({(kb.flush_s, kb.partition) for kb in batches})
-    sim = simulate(live.with_(window_s=model_w), batches, start, end) | {"msk_invocations": flushes}
+    sim = with_requests(simulate(live.with_(window_s=model_w), batches, start, end)) | {"msk_invocations": flushes}
     wrong_w = live.window_s / 3
-    sim_wrong = simulate(live.with_(window_s=wrong_w), batches, start, end) | {"msk_invocations": flushes}
+    sim_wrong = with_requests(simulate(live.with_(window_s=wrong_w), batches, start, end)) | {
+        "msk_invocations": flushes
+    }
     began = time.time()
     real = measure(live, batches, start, end, event_sources=args.event_sources)
     if args.event_sources:

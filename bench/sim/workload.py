@@ -25,7 +25,8 @@ FLAT = (1.0,) * 24
 
 @dataclass(frozen=True)
 class Scenario:
-    """One simulated day. Defaults follow template.yaml (batch size 100, window 1 s, W 30 s)."""
+    """One simulated day. Defaults follow template.yaml (batch size 100, window 1 s, W 30 s) and the
+    measured build time; bench/sim/scenarios/*.yaml override them (bench/sim/config.py)."""
 
     name: str = "default"
     tenants: int = 1_000
@@ -40,11 +41,18 @@ class Scenario:
     batch_window_s: float = 1.0  # MaximumBatchingWindowInSeconds
     kafka_key: str = "entity"  # how producers key records: "entity" spreads a tenant over partitions
     timezones: int = 1  # CUBE_TIMEZONES
-    preagg_partitions: int = 12  # partitions of each pre-aggregation (monthly over a year)
-    partition_precise: bool = False  # a refresh rebuilds only the partition a mutation touched
-    build_s: float = 0.5  # warehouse time to build one partition of one tenant
+    unpartitioned_rollups: int = 0  # per cube: rollups without a time dimension (one table each)
+    partitioned_rollups: int = 1  # per cube: rollups partitioned by month
+    preagg_partitions: int = 12  # partitions of each partitioned rollup (monthly over a year)
+    newest_share: float = 0.8  # share of mutations whose row lies in the newest partition
+    partition_precise: bool = False  # routes with partitionBy: a refresh rebuilds the touched partitions
+    build_s: float = 0.06  # Cube build slot time per partition (measured: bench/sim/build_time.py)
+    key_query_s: float = 0.015  # slot time of a refresh-key or range query: assumed, a quarter of a build
     cube_concurrency: int = 10  # Cube's queue concurrency for the data source (10 for most warehouses)
     cube_fail_rate: float = 0.0  # share of job POSTs answered 5xx
+    build_timeout_s: float = 1_800.0  # CUBE_PREAGG_BUILD_TIMEOUT_MS / 1000
+    verify: bool = True  # the service verifies builds (BuildVerifier), as deployed
+    worker_timer_s: float = 30.0  # Cube's scheduledRefreshTimer (its default)
     budget: int = 250_000  # key decisions the real code may make (time slices, tenant sample)
     seed: int = 7
     extra: dict[str, float] = field(default_factory=dict, compare=False)
@@ -53,8 +61,9 @@ class Scenario:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
-    def parts_per_job(self) -> int:
-        return 1 if self.partition_precise else self.preagg_partitions
+    def tables_per_cube(self) -> int:
+        """Tables a whole-cube refresh rebuilds (per tenant)."""
+        return self.unpartitioned_rollups + self.partitioned_rollups * self.preagg_partitions * self.timezones
 
 
 def tenant_rates(sc: Scenario) -> np.ndarray:
