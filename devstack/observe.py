@@ -34,8 +34,10 @@ class ObservedService(RefreshService):
         self.outcomes.append(outcome)
         return outcome
 
-    def process_trailing(self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int) -> Outcome:
-        outcome = super().process_trailing(messages, deadline_ms=deadline_ms)
+    def process_trailing(
+        self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int, wake: bool = True
+    ) -> Outcome:
+        outcome = super().process_trailing(messages, deadline_ms=deadline_ms, wake=wake)
         self.outcomes.append(outcome)
         return outcome
 

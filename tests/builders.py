@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,12 @@ from handler.adapters.memory import (
     RecordingScheduler,
     ScriptedJobs,
 )
+from handler.domain.admission import Admission
 from handler.domain.debounce import Debouncer
 from handler.domain.routing import EntityCubeMap
 from handler.domain.service import Mapper, RefreshService, serial_map
 from handler.domain.verify import BuildVerifier
+from handler.domain.window import Windows
 from preagg_cli.local import build_msk_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,11 +98,23 @@ class Rig:
     jobs: ScriptedJobs = field(default_factory=ScriptedJobs)
     build_queue: RecordingBuildQueue = field(default_factory=RecordingBuildQueue)
     build_timeout_ms: int = 600_000
+    budget: int = 0  # build budget in jobs (0: no admission control)
+    max_window_ms: int | None = None  # the adaptive window's maximum (None: a fixed window)
 
     def __post_init__(self) -> None:
-        self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms)
+        self.windows = Windows(self.window_ms, self.max_window_ms)
+        self.admission = Admission(self.store, self.clock, self.telemetry, self.budget, rng=random.Random(1))
+        self.debouncer = Debouncer(self.store, self.scheduler, self.clock, self.window_ms, windows=self.windows)
         self.verifier = BuildVerifier(
-            self.store, self.jobs, self.build_queue, self.telemetry, self.clock, self.build_timeout_ms, self.map_io
+            self.store,
+            self.jobs,
+            self.build_queue,
+            self.telemetry,
+            self.clock,
+            self.build_timeout_ms,
+            self.map_io,
+            admission=self.admission,
+            windows=self.windows,
         )
         self.service = RefreshService(
             self.routes,
@@ -110,6 +125,7 @@ class Rig:
             self.timezones,
             map_io=self.map_io,
             verifier=self.verifier if self.verify else None,
+            admission=self.admission,
         )
 
     @property

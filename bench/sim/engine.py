@@ -153,10 +153,32 @@ class CountingStore(InMemoryDebounceStore):
         self.meter.key_write(key, self.clock.ms)
         return super().record_build(key, record)
 
-    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+    def record_jobs(
+        self, key: RefreshKey, *, started_at: int, tokens: Sequence[str], inflight_until: int | None = None
+    ) -> bool:
         self._write(key)
         self.meter.add("verify_writes", key.tenant_id)
-        return super().record_jobs(key, started_at=started_at, tokens=tokens)
+        return super().record_jobs(key, started_at=started_at, tokens=tokens, inflight_until=inflight_until)
+
+    # Load-aware refresh's writes (docs/load-aware.md): the polls' gate renewals and the gate's removal
+    # belong to verification; a re-sent trailing refresh and a deferral to the debounce.
+    def observe_pending(self, key: RefreshKey, **kw: object) -> bool:  # type: ignore[override]
+        self._write(key)
+        self.meter.add("verify_writes", key.tenant_id)
+        return super().observe_pending(key, **kw)  # type: ignore[arg-type]
+
+    def clear_inflight(self, key: RefreshKey, **kw: object) -> bool:  # type: ignore[override]
+        self._write(key)
+        self.meter.add("verify_writes", key.tenant_id)
+        return super().clear_inflight(key, **kw)  # type: ignore[arg-type]
+
+    def reschedule_trailing(self, key: RefreshKey, **kw: object) -> bool:  # type: ignore[override]
+        self._write(key)
+        return super().reschedule_trailing(key, **kw)  # type: ignore[arg-type]
+
+    def requeue_trailing(self, key: RefreshKey, **kw: object) -> bool:  # type: ignore[override]
+        self._write(key)
+        return super().requeue_trailing(key, **kw)  # type: ignore[arg-type]
 
     def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
         origin = (started_at - DAY0_MS) / 1000

@@ -37,7 +37,7 @@ def _iso(ms: int | None) -> str | None:
 
 
 def describe(key: RefreshKey, state: KeyState, window_ms: int) -> dict[str, Any]:
-    window_ends = state.started_at + window_ms if state.started_at is not None else None
+    window_ends = state.window_end(window_ms) if state.started_at is not None else None
     return {
         "tenantId": key.tenant_id,
         "target": key.target,
@@ -55,6 +55,11 @@ def describe(key: RefreshKey, state: KeyState, window_ms: int) -> dict[str, Any]
             else None
         ),
         "expiresAt": _iso(state.expires_at * 1000) if state.expires_at is not None else None,
+        # Load-aware refresh (docs/load-aware.md): the key's effective window, its build in Cube (no
+        # other refresh of it is posted until then), its wait for build budget.
+        "effectiveWindowMs": state.window_ms if state.window_ms is not None else window_ms,
+        "buildInCubeUntil": _iso(state.inflight_until),
+        "waitingForBudgetSince": _iso(state.waiting_since),
         "lastBuild": (
             {
                 "status": state.build_status,

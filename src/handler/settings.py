@@ -8,9 +8,15 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from handler.domain.admission import MAX_BUDGET
 from handler.domain.partitions import zone
 from handler.domain.routing import EntityCubeMap
+from handler.domain.window import DEFAULT_MAX_WINDOW_MS, MAX_WINDOW_MS, WindowRange, Windows, parse_target_windows
 
+# Jobs of ours per Cube build slot: one building and three waiting. A slot is freed when a poll sees
+# its build done (2 s doubling), so Cube needs waiting work to stay busy between polls; three covers
+# builds down to about two thirds of a second, and a new job waits at most three builds.
+BUDGET_PER_BUILD_SLOT = 4
 _MAP_SHAPE = "must be a JSON object of entity type -> list of cube names or target objects"
 
 
@@ -38,6 +44,40 @@ class Settings(BaseSettings):
     )
     cube_timezones: Annotated[tuple[str, ...], NoDecode] = Field(("UTC",), validation_alias="CUBE_TIMEZONES")
     max_selectors: int = Field(10, ge=1, le=100, validation_alias="CUBE_PREAGG_MAX_SELECTORS")
+    # Load-aware refresh (docs/load-aware.md): Cube's build concurrency for the data source, the
+    # budget of jobs in Cube at once (empty: BUDGET_PER_BUILD_SLOT x the concurrency; 0: no admission
+    # control), the adaptive window's maximum (never below the base) and per-target windows.
+    build_concurrency: int = Field(2, ge=1, le=MAX_BUDGET, validation_alias="CUBE_BUILD_CONCURRENCY")
+    build_budget: int | None = Field(None, ge=0, le=MAX_BUDGET, validation_alias="CUBE_PREAGG_BUILD_BUDGET")
+    max_debounce_ms: int = Field(
+        DEFAULT_MAX_WINDOW_MS, ge=0, le=MAX_WINDOW_MS, validation_alias="CUBE_PREAGG_MAX_DEBOUNCE_MS"
+    )
+    target_windows_json: str = Field("", validation_alias="CUBE_PREAGG_TARGET_WINDOWS")
+
+    @property
+    def effective_build_budget(self) -> int:
+        if self.build_budget is not None:
+            return self.build_budget
+        return min(MAX_BUDGET, BUDGET_PER_BUILD_SLOT * self.build_concurrency)
+
+    @property
+    def target_windows(self) -> dict[str, WindowRange]:
+        return parse_target_windows(self.target_windows_json, base_ms=self.debounce_ms, max_ms=self.max_debounce_ms)
+
+    @property
+    def windows(self) -> Windows:
+        return Windows(self.debounce_ms, self.max_debounce_ms, self.target_windows)
+
+    @field_validator("build_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("target_windows_json")
+    @classmethod
+    def _target_windows(cls, value: str) -> str:
+        parse_target_windows(value, base_ms=0, max_ms=0)  # the shape; the values are checked as they are
+        return value
 
     @field_validator("cube_api_url")
     @classmethod

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from handler.domain.admission import Admission
 from handler.domain.debounce import Debouncer
 from handler.domain.ports import Telemetry
 from handler.domain.service import RefreshService
@@ -74,8 +75,20 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         http=httpx.Client(limits=httpx.Limits(max_connections=IO_THREADS)),
     )
     map_io = ThreadMap(IO_THREADS)
-    debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms)
-    verifier = BuildVerifier(store, cube, build_queue, telemetry, clock, settings.build_timeout_ms, map_io=map_io)
+    windows = settings.windows
+    admission = Admission(store, clock, telemetry, settings.effective_build_budget)
+    debouncer = Debouncer(store, scheduler, clock, settings.debounce_ms, windows=windows)
+    verifier = BuildVerifier(
+        store,
+        cube,
+        build_queue,
+        telemetry,
+        clock,
+        settings.build_timeout_ms,
+        map_io=map_io,
+        admission=admission,
+        windows=windows,
+    )
     return RefreshService(
         settings.entity_cube_map,
         debouncer,
@@ -86,4 +99,5 @@ def build_service(settings: Settings, telemetry: Telemetry) -> RefreshService:
         map_io=map_io,
         verifier=verifier,
         max_selectors=settings.max_selectors,
+        admission=admission,
     )

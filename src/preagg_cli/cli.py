@@ -334,6 +334,8 @@ def print_refresh(result: Mapping[str, Any], out: TextIO, known: Callable[[], Se
         elif status == "debounced":
             line = f"debounced: refreshed within the window; {detail or 'trailing refresh pending'}"
             line += " (use --force to refresh now)"
+        elif status == "deferred":
+            line = f"deferred: {detail}; it refreshes when Cube's build budget frees (use --force to refresh now)"
         else:
             names = known() if NO_MATCH in detail else ()
             line = f"{status}: {detail}\n      what to check: {_hint_for(detail, key['target'], names)}"

@@ -170,6 +170,10 @@ def make_function(function_environ: None, spacer: Spacer, warm_tenants: None) ->
 
     def make(**overrides: str) -> Function:
         overrides.setdefault("CUBE_PREAGG_DEBOUNCE_MS", "2000")
+        # Most tests do not deliver their verify messages: their builds would hold the shared build
+        # budget for its lease (5 min) and starve the next test. Admission is tested where the
+        # verifications are delivered (test_load_aware.py, the race).
+        overrides.setdefault("CUBE_PREAGG_BUILD_BUDGET", "0")
         settings = load_settings(**overrides)
         telemetry = CountingTelemetry()
         service = build_observed_service(settings, telemetry, spacer)
@@ -178,6 +182,51 @@ def make_function(function_environ: None, spacer: Spacer, warm_tenants: None) ->
         return Function(settings, service, telemetry, store)
 
     return make
+
+
+# --------------------------------------------------------------------------- builds held in PostgreSQL
+
+
+# A PostgreSQL event trigger makes Cube's CREATE TABLE in one tenant's pre-aggregation schema fail
+# (a real database error in the build, not at POST time), or stall `stall_s` seconds a given number of
+# times. The superuser Cube connects as is subject to event triggers, unlike to GRANTs.
+BLOCK_SQL = """
+CREATE TABLE IF NOT EXISTS it_build_sabotage (schema_name text PRIMARY KEY, mode text, times int, stall_s int);
+CREATE SEQUENCE IF NOT EXISTS it_build_sabotage_hits;
+CREATE OR REPLACE FUNCTION it_build_sabotage() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE r record; s record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+    SELECT * INTO s FROM it_build_sabotage WHERE schema_name = r.schema_name;
+    -- A sequence counts the hits: unlike a table update, nextval survives the failed transaction.
+    IF FOUND AND nextval('it_build_sabotage_hits') <= s.times THEN
+      IF s.mode = 'fail' THEN
+        RAISE EXCEPTION 'permission denied for schema % (integration test sabotage)', r.schema_name;
+      END IF;
+      PERFORM pg_sleep(s.stall_s);
+    END IF;
+  END LOOP;
+END $$;
+DROP EVENT TRIGGER IF EXISTS it_build_sabotage;
+CREATE EVENT TRIGGER it_build_sabotage ON ddl_command_end EXECUTE FUNCTION it_build_sabotage();
+"""
+
+
+@pytest.fixture
+def sabotage(stack: Stack) -> Iterator[Callable[[str, str, int, int], None]]:
+    stack.psql(BLOCK_SQL)
+
+    def arm(tenant: str, mode: str, times: int, stall_s: int = 0) -> None:
+        schema = "pre_aggregations_" + tenant.replace("-", "_")
+        stack.psql(
+            "INSERT INTO it_build_sabotage VALUES "
+            f"('{schema}', '{mode}', {times}, {stall_s}) ON CONFLICT (schema_name) DO UPDATE "
+            "SET mode = EXCLUDED.mode, times = EXCLUDED.times, stall_s = EXCLUDED.stall_s; "
+            "ALTER SEQUENCE it_build_sabotage_hits RESTART WITH 1"
+        )
+
+    yield arm
+    stack.psql("DROP EVENT TRIGGER IF EXISTS it_build_sabotage; DROP TABLE it_build_sabotage")
 
 
 # --------------------------------------------------------------------------- data and AWS helpers
@@ -276,6 +325,19 @@ def service_logs() -> Iterator[LogCapture]:
     target.addHandler(capture)
     yield capture
     target.removeHandler(capture)
+
+
+def settle_builds(fn: Function, env: StackEnv, tenant_id: str, target: str = "Users", timeout_s: float = 60) -> None:
+    """Deliver the tenant's verify messages, as the event source mapping would, until the key's build
+    is settled and its in-flight gate is down: no refresh of a key is posted while its previous build
+    is in Cube (docs/load-aware.md)."""
+    from devstack.observe import deliver_queue_messages  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while (state := fn.state(tenant_id, target)) is not None and state.inflight_until is not None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{tenant_id}#{target}: its build was not settled in {timeout_s:.0f} s: {state}")
+        deliver_queue_messages(env, fn.handle, tenant_id, kinds=("verify",))
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:

@@ -4,8 +4,12 @@ file-backed SQS stand-in for the refresh queue. With `verify`, every refresh is 
 endpoint answers `get` polls with job states (built, failed, forgotten, stuck; one key of one
 tenant never builds), the verify and retrigger messages go through the same queue, delivered by
 concurrent invocations, and a mutation counts as covered only by a build that ended `done`, or by a
-dead letter for its key. Used by tests/integration/test_race.py; runnable by hand to compare
-backends:
+dead letter for its key. Under load (docs/load-aware.md) the Cube endpoint has a real build queue
+(`concurrency` workers, FIFO: jobs are `scheduled`, then `processing`, then done; a job posted while a
+job of its key is queued is not queued again, as in Cube), every process shares one build budget
+through the table's slots, a covering build must have *started* after the mutation, and one more
+process is killed with SIGKILL while it holds budget. Used by tests/integration/test_race.py;
+runnable by hand to compare backends:
 
     PYTHONPATH=src:. .venv/bin/python -m tests.integration.race_worker --backend dynalite
     PYTHONPATH=src:. .venv/bin/python -m tests.integration.race_worker --backend moto
@@ -21,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -150,10 +155,14 @@ def create_table(endpoint: str) -> None:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+    from devstack.template import debounce_table_spec  # noqa: PLC0415
+
+    spec = debounce_table_spec(ROOT / "template.yaml")  # the key schema and the `waiting` index
     ddb.create_table(
         TableName=TABLE,
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        KeySchema=spec.key_schema,
+        AttributeDefinitions=spec.attribute_definitions,
+        GlobalSecondaryIndexes=spec.global_secondary_indexes,
         BillingMode="PAY_PER_REQUEST",
     )
     ddb.get_waiter("table_exists").wait(TableName=TABLE, WaiterConfig={"Delay": 1})
@@ -161,8 +170,15 @@ def create_table(endpoint: str) -> None:
 
 # Job outcomes when verification is on: most builds end done after 50-400 ms; some fail in the
 # database, are forgotten (a Cube restart) or never finish (stuck: the build deadline fails them).
-OUTCOMES = (("done", 0.75), ("failure: relation does not exist", 0.12), ("not_found", 0.07), ("stuck", 0.06))
+# Every n-th job (in the order Cube receives them) ends so: about 8 % forgotten, 6 % stuck, 12 % failed;
+# a fixed pattern rather than a draw, so that a short run has some of each.
+OUTCOMES = ((12, 6, "not_found"), (16, 9, "stuck"), (8, 3, "failure: relation does not exist"))
 BROKEN = ("t3", "Groups")  # every build of this key fails: its mutations end in a dead letter
+
+
+# Cube drops a job this long after it was posted (an hour in Cube, compressed): a stuck build ends
+# `missing_partition` then.
+DROP_MS = 6_000
 
 
 @dataclass
@@ -170,13 +186,25 @@ class Job:
     tenant: str
     key: str
     arrived: int
-    ready_at: int
+    build_ms: int
     outcome: str
+    queued: bool = True  # False: a job of the same key was in the queue, Cube did not queue this one
+    start: int | None = None
+    end: int | None = None
 
-    def status(self, now: int) -> str:
-        if self.outcome == "stuck":
-            return "processing"
-        return self.outcome if now >= self.ready_at else "scheduled"
+    def finish(self) -> int:
+        assert self.start is not None
+        return self.arrived + DROP_MS if self.outcome == "stuck" else self.start + self.build_ms
+
+    def in_queue(self) -> bool:
+        return self.queued and self.end is None
+
+    def status(self) -> str:
+        if not self.queued or (self.end is not None and self.outcome == "stuck"):
+            return "missing_partition"
+        if self.end is None:
+            return "scheduled" if self.start is None else "processing"
+        return self.outcome
 
 
 @dataclass
@@ -188,39 +216,68 @@ class CountingCube:
 
     refuse_preaggs: float = 0.0
     outcomes: bool = False
+    concurrency: int = 1_000  # build workers: few, and jobs wait `scheduled`
+    build_ms: tuple[int, int] = (50, 400)
     posts: list[tuple[str, list[str], int]] = field(default_factory=list)
     jobs: dict[str, Job] = field(default_factory=dict)
+    waiting: list[Job] = field(default_factory=list)
+    running: list[Job] = field(default_factory=list)
+    clock: int = 0
     gets: int = 0
     refused: int = 0
+    duplicate_posts: int = 0  # posts of a key while a job of it was queued, short of its build deadline
+    statuses_seen: dict[str, int] = field(default_factory=dict)  # what `get` answered, by status
+    max_in_queue: int = 0  # jobs waiting or building at a POST, not counting builds past the deadline
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+
+    def advance(self, until: int) -> None:
+        """Run the build queue up to `until` (under the lock): workers take waiting jobs in order."""
+        while True:
+            for job in [j for j in self.waiting if j.arrived + DROP_MS <= self.clock]:
+                self.waiting.remove(job)
+                job.end = job.arrived + DROP_MS
+                job.outcome = "stuck"  # dropped before it ran
+            if len(self.running) < self.concurrency and self.waiting:
+                job = self.waiting.pop(0)
+                job.start = max(job.arrived, self.clock)
+                self.running.append(job)
+                continue
+            if self.running:
+                nxt = min(self.running, key=Job.finish)
+                if nxt.finish() <= until:
+                    self.clock = max(self.clock, nxt.finish())
+                    self.running.remove(nxt)
+                    nxt.end = nxt.finish()
+                    continue
+            break
+        self.clock = max(self.clock, until)
 
     def _outcome(self, tenant: str, key: str) -> str:
         if not self.outcomes:
             return "done"
         if (tenant, key) == BROKEN:
             return "failure: permission denied for table groups"
-        x = self.rng.random()
-        for outcome, share in OUTCOMES:
-            if x < share:
-                return outcome
-            x -= share
-        return "done"
+        number = len(self.jobs) + 1
+        return next((outcome for every, at, outcome in OUTCOMES if number % every == at), "done")
 
     def _get(self, tokens: list[str]) -> dict[str, Any]:
-        now = now_ms()
         with self.lock:
+            self.advance(now_ms())
             self.gets += 1
-            known = {t: self.jobs[t] for t in tokens if t in self.jobs}
+            known = {t: (self.jobs[t], self.jobs[t].status()) for t in tokens if t in self.jobs}
+            for _, status in known.values():
+                name = status.split(":")[0]
+                self.statuses_seen[name] = self.statuses_seen.get(name, 0) + 1
         return {
             token: {
-                "status": job.status(now),
+                "status": status,
                 "table": f"pre_aggregations.{job.key.lower()}",
                 "selector": {"contexts": [{"securityContext": {"tenantId": job.tenant}}], "timezones": ["UTC"]},
             }
-            for token, job in known.items()
-            if job.status(now) != "not_found"  # a forgotten token: Cube leaves it out, the client reads not_found
+            for token, (job, status) in known.items()
+            if status != "not_found"  # a forgotten token: Cube leaves it out, the client reads not_found
         }
 
     def start(self) -> str:
@@ -238,6 +295,7 @@ class CountingCube:
                 targets = selector_keys(selector)
                 tokens: list[str] = []
                 with cube.lock:
+                    cube.advance(arrived)
                     refuse = "preAggregations" in selector and cube.rng.random() < cube.refuse_preaggs
                     if refuse:
                         cube.refused += 1
@@ -245,9 +303,27 @@ class CountingCube:
                         cube.posts.append((tenant, targets, arrived))
                         for key in targets:
                             token = f"job-{uuid.uuid4().hex[:12]}"
-                            ready = arrived + cube.rng.randint(50, 400)
-                            cube.jobs[token] = Job(tenant, key, arrived, ready, cube._outcome(tenant, key))
+                            build_ms = cube.rng.randint(*cube.build_ms)
+                            job = Job(tenant, key, arrived, build_ms, cube._outcome(tenant, key))
+                            queued = [j for j in [*cube.waiting, *cube.running] if (j.tenant, j.key) == (tenant, key)]
+                            if queued:
+                                job.queued = False  # Cube does not queue a forced build whose query is queued
+                                # the function gives up on a build at its deadline: a re-post after that is
+                                # the re-trigger of a stuck build, not a duplicate
+                                if any((j.start or arrived) > arrived - BUILD_TIMEOUT_MS for j in queued):
+                                    cube.duplicate_posts += 1
+                            else:
+                                cube.waiting.append(job)
+                            cube.jobs[token] = job
                             tokens.append(token)
+                        # Jobs of ours in the queue, leaving out builds past the build deadline: the
+                        # function gave up on them (and freed their budget) while Cube still runs them.
+                        counted = [
+                            j
+                            for j in [*cube.waiting, *cube.running]
+                            if (j.start or arrived) > arrived - BUILD_TIMEOUT_MS
+                        ]
+                        cube.max_in_queue = max(cube.max_in_queue, len(counted))
                 if refuse:
                     # A refusal a retry can get past (not the "doesn't match" 400, which the client
                     # reads as "no partition in this range": nothing to build).
@@ -272,10 +348,10 @@ class CountingCube:
         return f"http://127.0.0.1:{self.server.server_address[1]}/cubejs-api"
 
     def built(self) -> list[tuple[str, str, int]]:
-        """(tenant, key, POST arrival) of every job that ended done."""
-        now = now_ms()
+        """(tenant, key, build start) of every job that ended done: it read the source when it started."""
         with self.lock:
-            return [(j.tenant, j.key, j.arrived) for j in self.jobs.values() if j.status(now) == "done"]
+            self.advance(now_ms())
+            return [(j.tenant, j.key, j.start or 0) for j in self.jobs.values() if j.status() == "done"]
 
     def stop(self) -> None:
         if self.server:
@@ -314,9 +390,23 @@ class FileScheduler:
 POLL_DELAYS_MS = (300, 600, 1_200)
 RETRIGGER_DELAYS_MS = (300, 500, 700, 900, 1_100)
 BUILD_TIMEOUT_MS = 2_500
+# Load-aware refresh's delays compressed the same way: a lease (and the in-flight gate) lapses 4 s after
+# its last renewal (5 min deployed), a deferred key comes back after 0.3-2 s, a gated trailing refresh
+# looks again after 0.3-1.2 s, a build waiting longer than DROP_MS is stuck.
+LEASE_MS = 8_000
+KILLED_TOKEN_PREFIX = "killed"
 
 
-def build(endpoint: str, cube_url: str, queue_file: str, window_ms: int, *, verify: bool = False) -> Any:
+def build(
+    endpoint: str,
+    cube_url: str,
+    queue_file: str,
+    window_ms: int,
+    *,
+    verify: bool = False,
+    budget: int = 0,
+    token_prefix: str = "",
+) -> Any:
     """The production wiring with the SQS adapter swapped for the file stand-in."""
     from preagg_cli.local import LOCAL_DEFAULTS  # noqa: PLC0415
 
@@ -342,14 +432,43 @@ def build(endpoint: str, cube_url: str, queue_file: str, window_ms: int, *, veri
     cube = CubeJobsClient(cube_url, lambda: "race-secret-race-secret-race-secret-32b", timeout_ms=5_000, retries=1)
     telemetry = CountingTelemetry()
     verifier = None
+    from handler.domain import admission as admission_module  # noqa: PLC0415
+    from handler.domain import debounce as debounce_module  # noqa: PLC0415
+
+    admission_module.DEFER_MIN_MS, admission_module.DEFER_MAX_MS = 300, 2_000
+    debounce_module.GATE_RECHECK_MIN_MS, debounce_module.GATE_RECHECK_MAX_MS = 300, 1_200
+    admission = admission_module.Admission(
+        store,
+        clock,
+        telemetry,
+        budget,
+        lease_ms=LEASE_MS,
+        new_token=(lambda: f"{token_prefix}{_token()}") if token_prefix else _token,
+    )
     if verify:
         from handler.domain import verify as verification  # noqa: PLC0415
 
         verification.POLL_DELAYS_MS = POLL_DELAYS_MS
         verification.RETRIGGER_DELAYS_MS = RETRIGGER_DELAYS_MS
         queue = FileScheduler(queue_file)
-        verifier = verification.BuildVerifier(store, cube, queue, telemetry, clock, BUILD_TIMEOUT_MS)
-    return RefreshService(EntityCubeMap(ROUTES), debouncer, cube, telemetry, clock, ("UTC",), verifier=verifier)
+        verifier = verification.BuildVerifier(
+            store,
+            cube,
+            queue,
+            telemetry,
+            clock,
+            BUILD_TIMEOUT_MS,
+            admission=admission,
+            queued_bound_ms=DROP_MS + 1_000,
+            lease_ms=LEASE_MS,
+        )
+    return RefreshService(
+        EntityCubeMap(ROUTES), debouncer, cube, telemetry, clock, ("UTC",), verifier=verifier, admission=admission
+    )
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
 
 
 # Each process keeps going past the duration until it has this many accepted mutations (a loaded
@@ -358,17 +477,51 @@ MIN_ACCEPTED_PER_PROCESS = 15
 HARD_LIMIT_S = 90.0
 
 
-def worker(args: tuple[int, str, str, str, int, float, int, bool]) -> list[tuple[str, str, int, int, int]]:
+@dataclass(frozen=True)
+class WorkerArgs:
+    index: int
+    endpoint: str
+    cube_url: str
+    queue_file: str
+    window_ms: int
+    duration_s: float
+    seed: int
+    verify: bool
+    budget: int = 0
+    ack_file: str = ""  # every accepted mutation is also appended here (a killed process returns nothing)
+    killable: bool = False  # holds each budget slot it takes a moment longer: killed while it does
+
+
+def worker(args: WorkerArgs) -> tuple[list[tuple[str, str, int, int, int]], int]:
     """One process: mutations at random times on overlapping keys; retries failed records."""
-    index, endpoint, cube_url, queue_file, window_ms, duration_s, seed, verify = args
     from handler import app  # noqa: PLC0415
     from preagg_cli.local import build_msk_event  # noqa: PLC0415
 
-    service = build(endpoint, cube_url, queue_file, window_ms, verify=verify)
-    rng = random.Random(seed * 1000 + index)
+    prefix = KILLED_TOKEN_PREFIX if args.killable else ""
+    service = build(
+        args.endpoint,
+        args.cube_url,
+        args.queue_file,
+        args.window_ms,
+        verify=args.verify,
+        budget=args.budget,
+        token_prefix=prefix,
+    )
+    if args.killable:
+        store = service.admission.store
+        take = store.take_slot
+
+        def take_and_hold(*a: Any, **kw: Any) -> bool:
+            taken: bool = take(*a, **kw)
+            if taken:
+                time.sleep(0.3)  # between taking budget and posting: where SIGKILL leaks it
+            return taken
+
+        store.take_slot = take_and_hold
+    rng = random.Random(args.seed * 1000 + args.index)
     accepted: list[tuple[str, str, int, int, int]] = []
     began = time.monotonic()
-    end, hard_end = began + duration_s, began + max(duration_s, HARD_LIMIT_S)
+    end, hard_end = began + args.duration_s, began + max(args.duration_s, HARD_LIMIT_S)
     while time.monotonic() < hard_end and (time.monotonic() < end or len(accepted) < MIN_ACCEPTED_PER_PROCESS):
         time.sleep(rng.uniform(0, 0.06))
         tenant, entity = rng.choice(TENANTS), rng.choice(list(ROUTES))
@@ -377,7 +530,7 @@ def worker(args: tuple[int, str, str, str, int, float, int, bool]) -> list[tuple
         value: dict[str, Any] = {
             "eventType": "UPDATED",
             "entityType": entity,
-            "entityId": f"e{index}",
+            "entityId": f"e{args.index}",
             "tenantId": tenant,
             "timestamp": received,
         }
@@ -389,9 +542,11 @@ def worker(args: tuple[int, str, str, str, int, float, int, bool]) -> list[tuple
             response = app.handle(event, service=service)
             if not response["batchItemFailures"]:
                 accepted.append((tenant, entity, month, received, now_ms()))
+                if args.ack_file:
+                    FileScheduler._append(args.ack_file, {"accepted": accepted[-1]})
                 break
             time.sleep(0.05)
-    return accepted
+    return accepted, service.telemetry.counts.get("KeysDeferred", 0)
 
 
 # ----------------------------------------------------------------------------- the race
@@ -413,6 +568,17 @@ class RaceResult:
     gets: int = 0
     dead_letters: int = 0
     covered_by_dead_letter: int = 0
+    budget: int = 0
+    concurrency: int = 0
+    max_jobs_in_queue: int = 0
+    duplicate_posts: int = 0
+    killed: int = 0
+    killed_mutations: int = 0
+    leaked_slots_at_kill: int = 0
+    slots_held_after_drain: int = 0
+    deferred: int = 0
+    ride_alongs: int = 0
+    statuses_seen: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         text = (
@@ -427,6 +593,15 @@ class RaceResult:
             text += (
                 f" delivered={self.delivered_by_kind} jobs={self.jobs_by_outcome} cube_gets={self.gets}"
                 f" dead_letters={self.dead_letters} covered_by_dead_letter={self.covered_by_dead_letter}"
+            )
+        if self.concurrency < 100:
+            text += (
+                f" budget={self.budget} cube_concurrency={self.concurrency} max_jobs_in_queue={self.max_jobs_in_queue}"
+                f" duplicate_posts={self.duplicate_posts} keys_deferred={self.deferred}"
+                f" ride_alongs={self.ride_alongs} polls_saw={self.statuses_seen}"
+                f" killed={self.killed} killed_mutations={self.killed_mutations}"
+                f" slots_leaked_by_the_kill={self.leaked_slots_at_kill}"
+                f" slots_held_after_drain={self.slots_held_after_drain}"
             )
         return text
 
@@ -485,46 +660,127 @@ def run_race(
     seed: int = 1,
     refuse_preaggs: float = 0.0,
     verify: bool = False,
+    budget: int = 0,
+    concurrency: int = 1_000,
+    kill: bool = False,
 ) -> RaceResult:
+    """`kill`: one more process runs beside the others and is killed with SIGKILL halfway through,
+    most likely while it holds budget slots it took (it holds each one 0.3 s before posting)."""
     began = time.monotonic()
     create_table(endpoint)
-    cube = CountingCube(refuse_preaggs, outcomes=verify)
+    # With few build workers the builds take longer (0.2-1.2 s), so that jobs wait in Cube's queue.
+    cube = CountingCube(
+        refuse_preaggs,
+        outcomes=verify,
+        concurrency=concurrency,
+        build_ms=(200, 1_200) if concurrency < 100 else (50, 400),
+    )
     cube_url = cube.start()
     queue_dir = tempfile.mkdtemp(prefix="race-queue-")
     queue_file = os.path.join(queue_dir, "trailing.jsonl")
+    ack_file = os.path.join(queue_dir, "killed-acks.jsonl")
     Path(queue_file).touch()
     try:
-        driver_service = build(endpoint, cube_url, queue_file, window_ms, verify=verify)
+        driver_service = build(endpoint, cube_url, queue_file, window_ms, verify=verify, budget=budget)
         stop = threading.Event()
         delivered: list[int] = []
         kinds: dict[str, int] = {}
         driver = threading.Thread(target=lambda: delivered.append(drive_queue(driver_service, queue_file, stop, kinds)))
         driver.start()
         ctx = multiprocessing.get_context("spawn")
+        common = {"endpoint": endpoint, "cube_url": cube_url, "queue_file": queue_file, "window_ms": window_ms}
+        victim, leaked = None, 0
+        if kill:
+            victim = ctx.Process(
+                target=worker,
+                args=(
+                    WorkerArgs(
+                        processes,
+                        **common,
+                        duration_s=duration_s * 4,
+                        seed=seed,
+                        verify=verify,
+                        budget=budget,
+                        ack_file=ack_file,
+                        killable=True,
+                    ),
+                ),
+            )
+            victim.start()
         with ctx.Pool(processes) as pool:
-            jobs = [(i, endpoint, cube_url, queue_file, window_ms, duration_s, seed, verify) for i in range(processes)]
-            accepted = [m for part in pool.map(worker, jobs) for m in part]
+            jobs = [
+                WorkerArgs(i, **common, duration_s=duration_s, seed=seed, verify=verify, budget=budget)
+                for i in range(processes)
+            ]
+            pending = pool.map_async(worker, jobs)
+            if victim is not None:
+                leaked = kill_while_holding_budget(victim, driver_service, budget, ack_file, timeout_s=duration_s * 6)
+            parts = pending.get()
+        accepted = [m for part, _ in parts for m in part]
+        killed_accepted = (
+            [tuple(json.loads(line)["accepted"]) for line in Path(ack_file).read_text().splitlines()]
+            if kill and Path(ack_file).exists()
+            else []
+        )
         stop.set()
-        driver.join(timeout=window_ms / 1000 * 4 + 30)
+        driver.join(timeout=window_ms / 1000 * 4 + 60)
         assert not driver.is_alive(), "trailing refreshes did not drain"
         dead_file = Path(queue_file + ".dead")
         dead = [json.loads(line) for line in dead_file.read_text().splitlines()] if dead_file.exists() else []
         covering = cube.built() if verify else [(t, k, at) for t, keys, at in cube.posts for k in keys]
         result = evaluate(
-            accepted, cube.posts, covering, dead, processes, window_ms, delivered[0], time.monotonic() - began
+            [*accepted, *killed_accepted],  # type: ignore[list-item]
+            cube.posts,
+            covering,
+            dead,
+            processes,
+            window_ms,
+            delivered[0],
+            time.monotonic() - began,
         )
         result.refused = cube.refused
         result.delivered_by_kind = kinds
         if verify:
-            now = now_ms()
-            for job in cube.jobs.values():
-                status = job.status(now).split(":")[0]
-                result.jobs_by_outcome[status] = result.jobs_by_outcome.get(status, 0) + 1
+            with cube.lock:
+                cube.advance(now_ms())
+                for job in cube.jobs.values():
+                    status = job.status().split(":")[0]
+                    result.jobs_by_outcome[status] = result.jobs_by_outcome.get(status, 0) + 1
             result.gets = cube.gets
+        result.budget, result.concurrency = budget, concurrency
+        result.max_jobs_in_queue, result.duplicate_posts = cube.max_in_queue, cube.duplicate_posts
+        result.killed, result.killed_mutations, result.leaked_slots_at_kill = int(kill), len(killed_accepted), leaked
+        result.slots_held_after_drain = len(held_slots(driver_service, budget))
+        result.deferred = sum(n for _, n in parts) + driver_service.telemetry.counts.get("KeysDeferred", 0)
+        result.statuses_seen = dict(cube.statuses_seen)
+        result.ride_alongs = driver_service.telemetry.counts.get("RideAlongs", 0)
         return result
     finally:
         cube.stop()
         shutil.rmtree(queue_dir, ignore_errors=True)
+
+
+def kill_while_holding_budget(victim: Any, service: Any, budget: int, ack_file: str, *, timeout_s: float) -> int:
+    """SIGKILL the victim once it has had mutations accepted and holds a budget slot (it holds each
+    one 0.3 s before posting); no clean-up of any kind. Returns the slots it held at the kill."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        acked = Path(ack_file).exists() and len(Path(ack_file).read_text().splitlines()) >= 3
+        if acked and held_slots(service, budget, prefix=KILLED_TOKEN_PREFIX):
+            break
+        time.sleep(0.01)
+    os.kill(victim.pid or 0, signal.SIGKILL)
+    victim.join()
+    return len(held_slots(service, budget, prefix=KILLED_TOKEN_PREFIX))
+
+
+def held_slots(service: Any, budget: int, *, prefix: str = "") -> list[Any]:
+    """Budget slots held by a lease that has not lapsed (whose token starts with `prefix`)."""
+    if not budget:
+        return []
+    now = now_ms()
+    slots = service.admission.store.budget_slots(service.admission.scope, budget)
+    return [slot for slot in slots if not slot.free(now) and (slot.lease or "").startswith(prefix)]
 
 
 def evaluate(
@@ -596,6 +852,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--refuse-preaggs", type=float, default=0.0, help="share of pre-aggregation selectors refused")
     parser.add_argument("--verify", action="store_true", help="verify every refresh (builds fail, vanish, hang)")
+    parser.add_argument("--budget", type=int, default=0, help="shared build budget in jobs (0: none)")
+    parser.add_argument("--concurrency", type=int, default=1_000, help="the Cube endpoint's build workers")
+    parser.add_argument("--kill", action="store_true", help="SIGKILL one more process halfway, while it holds budget")
     args = parser.parse_args()
     for run in range(args.runs):
         workdir = Path(tempfile.mkdtemp(prefix=f"race-{args.backend}-"))
@@ -609,6 +868,9 @@ def main() -> int:
                 seed=run + 1,
                 refuse_preaggs=args.refuse_preaggs,
                 verify=args.verify,
+                budget=args.budget,
+                concurrency=args.concurrency,
+                kill=args.kill,
             )
         finally:
             proc.terminate()

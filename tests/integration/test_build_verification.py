@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,48 +73,6 @@ def built(fn: Function, tenant: str, since: int) -> Callable[[], bool]:
         return bool(state and state.build_status == "done" and (state.build_started_at or 0) >= since)
 
     return check
-
-
-# A PostgreSQL event trigger makes Cube's CREATE TABLE in one tenant's pre-aggregation schema fail
-# (a real database error in the build, not at POST time), or stall `stall_s` seconds a given number of
-# times. The superuser Cube connects as is subject to event triggers, unlike to GRANTs.
-BLOCK_SQL = """
-CREATE TABLE IF NOT EXISTS it_build_sabotage (schema_name text PRIMARY KEY, mode text, times int, stall_s int);
-CREATE SEQUENCE IF NOT EXISTS it_build_sabotage_hits;
-CREATE OR REPLACE FUNCTION it_build_sabotage() RETURNS event_trigger LANGUAGE plpgsql AS $$
-DECLARE r record; s record;
-BEGIN
-  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
-    SELECT * INTO s FROM it_build_sabotage WHERE schema_name = r.schema_name;
-    -- A sequence counts the hits: unlike a table update, nextval survives the failed transaction.
-    IF FOUND AND nextval('it_build_sabotage_hits') <= s.times THEN
-      IF s.mode = 'fail' THEN
-        RAISE EXCEPTION 'permission denied for schema % (integration test sabotage)', r.schema_name;
-      END IF;
-      PERFORM pg_sleep(s.stall_s);
-    END IF;
-  END LOOP;
-END $$;
-DROP EVENT TRIGGER IF EXISTS it_build_sabotage;
-CREATE EVENT TRIGGER it_build_sabotage ON ddl_command_end EXECUTE FUNCTION it_build_sabotage();
-"""
-
-
-@pytest.fixture
-def sabotage(stack: Stack) -> Iterator[Callable[[str, str, int, int], None]]:
-    stack.psql(BLOCK_SQL)
-
-    def arm(tenant: str, mode: str, times: int, stall_s: int = 0) -> None:
-        schema = "pre_aggregations_" + tenant.replace("-", "_")
-        stack.psql(
-            "INSERT INTO it_build_sabotage VALUES "
-            f"('{schema}', '{mode}', {times}, {stall_s}) ON CONFLICT (schema_name) DO UPDATE "
-            "SET mode = EXCLUDED.mode, times = EXCLUDED.times, stall_s = EXCLUDED.stall_s; "
-            "ALTER SEQUENCE it_build_sabotage_hits RESTART WITH 1"
-        )
-
-    yield arm
-    stack.psql("DROP EVENT TRIGGER IF EXISTS it_build_sabotage; DROP TABLE it_build_sabotage")
 
 
 def test_refresh_is_verified_built_with_the_new_row_and_freshness_lag_within_bound(

@@ -21,7 +21,9 @@ import pytest
 
 from devstack import Stack, StackEnv
 from devstack.cubeapi import CubeApi
-from tests.integration.conftest import Rows, wait_until
+from handler.adapters.dynamodb import DynamoDBDebounceStore
+from handler.domain.model import RefreshKey
+from tests.integration.conftest import CUBES, Rows, aws, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW_MS = 3000
@@ -33,11 +35,25 @@ def event_sources(stack: Stack, warm_tenants: None) -> Iterator[StackEnv]:
     before = stack.status()
     stack.stop_service("esm")
     stack.stop_service("kafka")  # fresh topics: nothing left on the dead-letter topic from earlier runs
+    # Fresh keys, as the other modules' Function.reset gives them: an earlier test (or a stopped event
+    # source) whose verifications did not run left its builds' in-flight gates up (they lapse after 5 min).
+    env = stack.env()
+    store = DynamoDBDebounceStore(aws("dynamodb", env), env.debounce_table_name)
+    for tenant in ("tenant-2", "tenant-3"):
+        for cube in CUBES:
+            store.delete(RefreshKey(tenant, cube))
     # The function's settings for these tests (recorded for the esm, as `make stack-start` does): a short
     # window, and no retries inside an invocation (the mapping's 10 retries of a Cube-down record then
-    # take seconds, not 30). A developer's own settings are recorded again afterwards.
+    # take seconds, not 30). A developer's own settings are recorded again afterwards. No build budget:
+    # with the budget spent by builds in flight when Cube is stopped, the Cube-down mutation would wait
+    # for budget (acknowledged, its trailing refresh in flight) instead of failing to the dead-letter
+    # topic this module checks; admission is tested in test_load_aware.py.
     previous = stack.function_settings().get("environ", {})
-    settings = {"CUBE_PREAGG_DEBOUNCE_MS": str(WINDOW_MS), "CUBE_PREAGG_RETRY_ATTEMPTS": "0"}
+    settings = {
+        "CUBE_PREAGG_DEBOUNCE_MS": str(WINDOW_MS),
+        "CUBE_PREAGG_RETRY_ATTEMPTS": "0",
+        "CUBE_PREAGG_BUILD_BUDGET": "0",
+    }
     stack.start_service("kafka")
     stack.start_service("esm", settings=settings)
     try:

@@ -457,6 +457,9 @@ class _SimStore:
     def finish_trailing(self, key: RefreshKey, **kw: Any) -> bool:
         return self.sim.op(lambda: self.inner.finish_trailing(key, **kw))
 
+    def reschedule_trailing(self, key: RefreshKey, **kw: Any) -> bool:
+        return self.sim.op(lambda: self.inner.reschedule_trailing(key, **kw))
+
     def drop_trailing(self, key: RefreshKey, **kw: Any) -> bool:
         return self.sim.op(lambda: self.inner.drop_trailing(key, **kw))
 

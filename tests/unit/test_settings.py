@@ -69,3 +69,45 @@ def test_settings_missing_required_variable_is_named(env):
     env.delenv("DEBOUNCE_TABLE_NAME")
     with pytest.raises(ConfigurationError, match="DEBOUNCE_TABLE_NAME"):
         load_settings()
+
+
+def test_settings_load_aware_defaults_budget_from_cube_concurrency_and_a_wider_maximum_window(env):
+    for name in ("CUBE_BUILD_CONCURRENCY", "CUBE_PREAGG_BUILD_BUDGET", "CUBE_PREAGG_MAX_DEBOUNCE_MS"):
+        env.delenv(name, raising=False)
+    s = load_settings()
+    assert (s.build_concurrency, s.effective_build_budget, s.max_debounce_ms) == (2, 8, 300_000)
+    env.setenv("CUBE_BUILD_CONCURRENCY", "5")
+    env.setenv("CUBE_PREAGG_BUILD_BUDGET", "")  # the SAM parameter's empty default
+    assert load_settings().effective_build_budget == 20
+    env.setenv("CUBE_PREAGG_BUILD_BUDGET", "0")
+    assert load_settings().effective_build_budget == 0  # no admission control
+
+
+def test_settings_maximum_window_is_never_below_the_base_and_targets_have_their_own(env):
+    env.setenv("CUBE_PREAGG_DEBOUNCE_MS", "600000")
+    env.setenv("CUBE_PREAGG_MAX_DEBOUNCE_MS", "300000")
+    env.setenv("CUBE_PREAGG_TARGET_WINDOWS", '{"Users": {"debounceMs": 5000, "maxDebounceMs": 60000}}')
+    windows = load_settings().windows
+    from handler.domain.model import RefreshKey  # noqa: PLC0415
+
+    assert (windows.default.base_ms, windows.default.max_ms) == (600_000, 600_000)
+    span = windows.range_for(RefreshKey("t", "Users.main"))  # by cube
+    assert (span.base_ms, span.max_ms) == (5_000, 60_000)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CUBE_PREAGG_BUILD_BUDGET", "101"),
+        ("CUBE_PREAGG_BUILD_BUDGET", "-1"),
+        ("CUBE_BUILD_CONCURRENCY", "0"),
+        ("CUBE_PREAGG_TARGET_WINDOWS", '{"Users": {"debounceMs": "5s"}}'),
+        ("CUBE_PREAGG_TARGET_WINDOWS", '{"Users": {"windowMs": 5}}'),
+        ("CUBE_PREAGG_TARGET_WINDOWS", '{"bad name!": {"debounceMs": 5}}'),
+        ("CUBE_PREAGG_TARGET_WINDOWS", "[1]"),
+    ],
+)
+def test_settings_bad_load_aware_values_fail_naming_the_variable(env, name, value):
+    env.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings()

@@ -11,7 +11,7 @@ from handler.adapters.dynamodb import DynamoDBDebounceStore
 from handler.adapters.memory import InMemoryDebounceStore
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
-from handler.domain.ports import BuildRecord
+from handler.domain.ports import BuildRecord, Waiting
 from tests.builders import ROOT, T0
 
 KEY = RefreshKey("tenant-1", "Users")
@@ -31,6 +31,7 @@ def store(request):
             TableName="debounce",
             KeySchema=spec.key_schema,
             AttributeDefinitions=spec.attribute_definitions,
+            GlobalSecondaryIndexes=spec.global_secondary_indexes,
             BillingMode="PAY_PER_REQUEST",
         )
         yield DynamoDBDebounceStore(client, "debounce")
@@ -237,3 +238,156 @@ def test_store_partition_keys_of_one_target_are_independent_items(store):
         assert store.claim(key, now=T0, window_ms=W, claim_token="c", expires_at=T0 // 1000 + 100).ok
     assert not store.claim(march, now=T0 + 1, window_ms=W, claim_token="d", expires_at=0).ok
     assert [k for k, _ in store.scan("tenant-1")] == sorted([march, june, whole])
+
+
+# --------------------------------------------------------------------------- load-aware (docs/load-aware.md)
+
+
+def test_store_claim_opens_the_keys_own_window_and_release_restores_it(store):
+    assert claim(store, T0).ok
+    assert store.get(KEY).window_ends_at == T0 + W  # no windowMs yet: the base
+    store.record_build(KEY, BuildRecord(T0, "done", T0 + 1, window_ms=3 * W))
+    assert not claim(store, T0 + W - 1, token="c2").ok
+    assert claim(store, T0 + W, token="c3").ok  # the window in force ended; the next one is 3 W
+    assert store.get(KEY).window_ends_at == T0 + W + 3 * W
+    assert not claim(store, T0 + 3 * W, token="c4").ok  # inside the wider window
+    assert store.release(KEY, claim_token="c3", previous_started_at=T0, previous_window_ends_at=T0 + W)
+    state = store.get(KEY)
+    assert (state.started_at, state.window_ends_at, state.window_ms) == (T0, T0 + W, 3 * W)
+
+
+def test_store_in_flight_gate_refuses_claims_until_cleared_or_lapsed(store):
+    assert claim(store, T0).ok
+    assert store.record_jobs(KEY, started_at=T0, tokens=["a"], inflight_until=T0 + 5 * W)
+    assert not claim(store, T0 + 2 * W, token="c2").ok
+    trailing = store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert trailing.ok
+    assert not claim(store, T0 + 2 * W, token="c3", trailing_token="t1").ok
+    assert claim(store, T0 + 2 * W, token="c4", force=True).ok  # the operator's force
+    assert store.release(KEY, claim_token="c4", previous_started_at=T0, previous_window_ends_at=T0 + W)
+    assert not store.clear_inflight(KEY, started_at=T0 - 1)  # not the in-flight refresh
+    assert store.clear_inflight(KEY, started_at=T0)
+    assert claim(store, T0 + 2 * W, token="c5", trailing_token="t1").ok
+    assert claim(store, T0 + 6 * W, token="c6").ok  # (a lapsed gate is shown by the time check alone)
+
+
+def test_store_gate_lapses_at_inflight_until(store):
+    claim(store, T0)
+    store.record_jobs(KEY, started_at=T0, tokens=["a"], inflight_until=T0 + 5 * W)
+    assert not claim(store, T0 + 5 * W - 1, token="c2").ok
+    assert claim(store, T0 + 5 * W, token="c3").ok
+
+
+def test_store_polls_renew_the_gate_and_raise_the_ride_along_horizon_of_the_in_flight_refresh_only(store):
+    claim(store, T0)
+    assert not store.observe_pending(KEY, started_at=T0, inflight_until=T0 + 9, scheduled_at=T0 + 5)  # no gate
+    store.record_jobs(KEY, started_at=T0, tokens=["a"], inflight_until=T0 + 100)
+    assert store.observe_pending(KEY, started_at=T0, inflight_until=T0 + 200, scheduled_at=T0 + 50)
+    assert store.observe_pending(KEY, started_at=T0, inflight_until=T0 + 300, scheduled_at=None)
+    state = store.get(KEY)
+    assert (state.inflight_until, state.queued_seen_at) == (T0 + 300, T0 + 50)
+    assert not store.observe_pending(KEY, started_at=T0 - 1, inflight_until=T0 + 999, scheduled_at=T0 + 60)
+    # a newer refresh's jobs: a new gate, and no horizon until a poll of it finds it waiting
+    assert store.record_jobs(KEY, started_at=T0 + 1, tokens=["b"], inflight_until=T0 + 400)
+    assert store.get(KEY).queued_seen_at is None
+    assert store.clear_inflight(KEY, started_at=T0 + 1)
+    state = store.get(KEY)
+    assert (state.inflight_until, state.queued_seen_at) == (None, None)
+
+
+def test_store_waiting_keys_are_listed_oldest_first_and_lapse(store):
+    keys = [RefreshKey(f"tenant-{i}", "Users") for i in range(3)]
+    for key, since, until in zip(keys, (T0 + 30, T0 + 10, T0 + 20), (T0 + 900, T0 + 900, T0 + 50), strict=True):
+        store.claim(key, now=T0, window_ms=W, claim_token="c", expires_at=1)
+        store.schedule_trailing(
+            key,
+            now=T0,
+            oldest_event_ms=since,
+            trailing_token=f"t-{key.tenant_id}",
+            due_at=T0 + W,
+            replaces=None,
+            expires_at=1,
+            waiting=Waiting(since, until),
+        )
+    waiters = store.waiters("global", now=T0 + 60, limit=10)
+    assert [(w.key, w.since, w.trailing_token) for w in waiters] == [
+        (keys[1], T0 + 10, "t-tenant-1"),
+        (keys[0], T0 + 30, "t-tenant-0"),
+    ]
+    assert [w.key for w in store.waiters("global", now=T0 + 60, limit=1)] == [keys[1]]
+    # admitted (its jobs recorded) or its trailing refresh finished: no longer waiting
+    store.record_jobs(keys[1], started_at=T0, tokens=["a"], inflight_until=T0 + 100)
+    store.finish_trailing(keys[0], trailing_token="t-tenant-0")
+    assert store.waiters("global", now=T0 + 60, limit=10) == []
+
+
+def test_store_joining_a_trailing_refresh_can_register_the_key_as_waiting_since_its_oldest(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0 - 7, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    joined = store.join_trailing(
+        KEY, now=T0 + 2, oldest_event_ms=T0 + 2, trailing_token="t1", expires_at=1, waiting=Waiting(T0 + 2, T0 + W)
+    )
+    assert joined.ok
+    [waiter] = store.waiters("global", now=T0, limit=5)
+    assert waiter.since == T0 - 7  # the key's oldest pending mutation
+
+
+def test_store_requeue_gives_the_trailing_claim_back_and_registers_the_wait(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert claim(store, T0 + W, token="c2", trailing_token="t1").ok
+    common = {"trailing_token": "t1", "previous_started_at": T0, "previous_window_ends_at": T0 + W}
+    waiting = Waiting(T0, T0 + 9 * W)
+    assert not store.requeue_trailing(
+        KEY, claim_token="other", now=T0 + W, due_at=T0 + 2 * W, waiting=waiting, **common
+    )
+    assert store.requeue_trailing(KEY, claim_token="c2", now=T0 + W + 3, due_at=T0 + 2 * W, waiting=waiting, **common)
+    state = store.get(KEY)
+    assert (state.started_at, state.window_ends_at, state.claim_token) == (T0, T0 + W, None)
+    assert (state.trailing_state, state.trailing_due_at, state.dirty_at) == ("scheduled", T0 + 2 * W, T0 + W + 3)
+    assert state.waiting_since == T0
+    assert claim(store, T0 + W + 4, token="c3", trailing_token="t1").ok  # it can claim again
+
+
+def test_store_budget_slots_are_taken_once_renewed_freed_and_lapse(store):
+    assert [s.free(T0) for s in store.budget_slots("global", 2)] == [True, True]
+    assert store.take_slot("global", 0, lease="L1", key=KEY.pk, now=T0, until=T0 + 100)
+    assert not store.take_slot("global", 0, lease="L2", key="x", now=T0 + 99, until=T0 + 200)
+    assert store.renew_slot("global", 0, lease="L1", until=T0 + 300)
+    assert not store.renew_slot("global", 0, lease="L2", until=T0 + 999)
+    slot = store.budget_slots("global", 2)[0]
+    assert (slot.lease, slot.until, slot.key) == ("L1", T0 + 300, KEY.pk)
+    assert store.take_slot("global", 0, lease="L3", key="y", now=T0 + 300, until=T0 + 400)  # lapsed
+    assert not store.free_slot("global", 0, lease="L1")
+    assert store.free_slot("global", 0, lease="L3")
+    assert store.budget_slots("global", 1)[0].free(T0)
+    assert store.scan() == [], "budget slots are not refresh keys"
+
+
+def test_store_a_re_sent_trailing_message_makes_older_copies_unable_to_claim(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert not store.reschedule_trailing(KEY, trailing_token="t1", due_at=T0 + W)  # only later
+    assert not store.reschedule_trailing(KEY, trailing_token="other", due_at=T0 + 2 * W)
+    assert store.reschedule_trailing(KEY, trailing_token="t1", due_at=T0 + 2 * W)
+    assert store.get(KEY).trailing_due_at == T0 + 2 * W
+    old = claim(store, T0 + 2 * W, token="c2", trailing_token="t1", trailing_due_at=T0 + W)
+    assert not old.ok
+    assert claim(store, T0 + 2 * W, token="c3", trailing_token="t1", trailing_due_at=T0 + 2 * W).ok
+
+
+def test_store_polls_record_their_sequence_and_a_new_refresh_starts_it_again(store):
+    claim(store, T0)
+    store.record_jobs(KEY, started_at=T0, tokens=["a"], inflight_until=T0 + 100)
+    assert store.observe_pending(KEY, started_at=T0, inflight_until=T0 + 200, scheduled_at=None, poll_seq=3)
+    assert store.get(KEY).poll_seq == 3
+    store.record_jobs(KEY, started_at=T0 + 1, tokens=["b"], inflight_until=T0 + 300)
+    assert store.get(KEY).poll_seq is None

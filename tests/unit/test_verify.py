@@ -11,6 +11,7 @@ from handler.adapters.memory import (
     RecordingBuildQueue,
     ScriptedJobs,
 )
+from handler.domain import verify
 from handler.domain.decode import decode_msk_event
 from handler.domain.decode import decode_queue_message as decode_build_message
 from handler.domain.errors import CubeRejected, CubeServerError, StoreUnavailable
@@ -151,30 +152,76 @@ def test_verifier_done_records_the_build_and_emits_freshness_lag():
     assert rig.queue.messages == []
 
 
-def test_verifier_pending_polls_again_with_doubling_delays_until_done():
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        # waiting: the phase is the wait since the refresh started (2 s at the first poll), doubling
+        ("scheduled", [2_000, 4_000, 8_000, 16_000]),
+        # building: the phase starts again at the first poll that finds it started
+        ("processing", [2_000, 2_000, 4_000, 8_000]),
+    ],
+)
+def test_verifier_pending_polls_again_after_the_phases_age_doubling_until_done(status, expected):
     rig = Rig()
-    rig.jobs.statuses["tok1"] = "processing"
+    rig.jobs.statuses["tok1"] = status
     rig.refresh()
     dues = []
     for _ in range(4):
         rig.deliver()
         dues.append(rig.queue.messages[0][0] - rig.clock.now)
-    assert dues == [4_000, 8_000, 16_000, 32_000]
+    assert dues == expected
     rig.jobs.statuses["tok1"] = "done"
     rig.deliver()
     assert rig.store.get(KEY).build_status == "done"
     assert len(rig.jobs.requests) == 5  # one Cube request per poll
 
 
-def test_verifier_stuck_build_fails_as_timeout_at_the_deadline_and_is_retriggered():
+def test_verifier_polls_a_long_wait_at_most_once_a_minute():
+    rig = Rig()
+    rig.jobs.statuses["tok1"] = "scheduled"
+    rig.refresh()
+    for _ in range(12):
+        rig.deliver()
+    assert rig.queue.messages[0][0] - rig.clock.now == 60_000
+
+
+def test_verifier_stuck_build_fails_as_timeout_at_the_deadline_from_its_start_and_is_retriggered():
     rig = Rig()
     rig.jobs.statuses["tok1"] = "processing"
     rig.refresh()
     while not rig.retriggers():
         rig.deliver()
-    assert rig.clock.now == T0 + TIMEOUT  # the last poll is moved to the deadline itself
+    # The build was first seen started at the first poll (2 s): the deadline counts from there, and the
+    # last poll is moved to the deadline itself.
+    assert rig.clock.now == T0 + 2_000 + TIMEOUT
     assert rig.store.get(KEY).build_failure_class == "timeout"
     assert rig.telemetry.counts["BuildsFailed[FailureClass=timeout]"] == 1
+
+
+def test_verifier_a_build_waiting_in_cubes_queue_is_alive_however_long_until_the_queue_bound():
+    rig = Rig()
+    rig.jobs.statuses["tok1"] = "scheduled"
+    rig.refresh()
+    while rig.clock.now < T0 + 2 * TIMEOUT:  # far past the build timeout: still waiting, still alive
+        rig.deliver()
+    assert rig.retriggers() == [] and rig.store.get(KEY).build_status is None
+    rig.jobs.statuses["tok1"] = "processing"  # it starts: the build timeout counts from now
+    rig.deliver()
+    started = rig.clock.now
+    rig.jobs.statuses["tok1"] = "done"
+    rig.deliver()
+    assert rig.store.get(KEY).build_status == "done" and rig.retriggers() == []
+    assert started < T0 + 3 * TIMEOUT
+
+
+def test_verifier_a_build_still_waiting_at_the_queue_bound_is_stuck_and_retriggered():
+    rig = Rig()
+    rig.jobs.statuses["tok1"] = "scheduled"
+    rig.refresh()
+    while not rig.retriggers():
+        rig.deliver()
+    assert rig.clock.now == T0 + verify.QUEUED_BOUND_MS
+    assert rig.store.get(KEY).build_failure_class == "timeout"
 
 
 @pytest.mark.parametrize("status", ["failure: relation does not exist", "missing_partition", "not_found"])
@@ -295,15 +342,39 @@ def test_verifier_crash_between_the_retrigger_and_its_record_retriggers_again_on
     assert rig.store.get(KEY).build_failures == 1
 
 
-def test_verifier_failure_covered_by_a_newer_refresh_is_counted_but_not_retriggered():
+def test_verifier_failure_with_a_newer_refresh_started_is_still_retriggered():
+    """Mutations may ride along with the failed build (docs/load-aware.md): the newer refresh may
+    have started before them, so the failure is re-triggered; the re-trigger goes through the debounce
+    protocol, which joins or waits for the newer refresh."""
     rig = Rig()
     rig.jobs.default = "failure: boom"
     rig.refresh()
     rig.clock.advance(1_500)
     rig.store.claim(KEY, now=rig.clock.now, window_ms=1_000, claim_token="newer", expires_at=0)
     rig.deliver()
-    assert rig.retriggers() == []
+    assert len(rig.retriggers()) == 1
     assert rig.store.get(KEY).build_failures == 1
+
+
+def test_verifier_collision_with_another_build_of_the_table_is_retriggered_not_counted():
+    rig = Rig()
+    rig.jobs.statuses["tok1"] = 'failure: relation "users_main20260101_abc" already exists'
+    rig.refresh()
+    rig.deliver()
+    [retrigger] = rig.retriggers()
+    assert retrigger.attempt == 1
+    state = rig.store.get(KEY)
+    assert (state.build_failure_class, state.build_failures) == ("collision", 0)
+    assert rig.telemetry.counts["BuildCollisions"] == 1
+    assert not any(k.startswith("BuildsFailed") for k in rig.telemetry.counts)
+
+
+def test_verifier_a_real_failure_beside_a_collision_decides_the_key():
+    jobs = {
+        "a": JobStatus('failure: relation "t" already exists', ("tenant-1",)),
+        "b": JobStatus("failure: permission denied for table users", ("tenant-1",)),
+    }
+    assert classify(target(), jobs, "tenant-1", now=T0, deadline_at=T0 + 1).failure_class == "failure"
 
 
 def test_verifier_4xx_on_verification_dead_letters_and_never_loops():

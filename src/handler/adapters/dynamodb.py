@@ -9,7 +9,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from handler.domain.errors import StoreUnavailable
 from handler.domain.model import RefreshKey
-from handler.domain.ports import BuildRecord, KeyState, WriteResult
+from handler.domain.ports import BuildRecord, KeyState, Slot, Waiter, Waiting, WriteResult
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -33,7 +33,24 @@ _FIELDS = {
     "retriggerDueAt": "retrigger_due_at",
     "jobsStartedAt": "jobs_started_at",
     "buildPartsOf": "build_parts_of",
+    "windowMs": "window_ms",
+    "windowEndsAt": "window_ends_at",
+    "inflightUntil": "inflight_until",
+    "queuedSeenAt": "queued_seen_at",
+    "pollSeq": "poll_seq",
+    "waitingSince": "waiting_since",
+    "waitingUntil": "waiting_until",
 }
+# The sparse index of keys waiting for build budget (template.yaml, DebounceTable), oldest first.
+WAITING_INDEX = "waiting"
+WAIT_SCOPE = "global"  # handler.domain.admission.SCOPE: the one budget
+# Items that are not refresh keys (budget slots) start with this: tenant ids cannot.
+RESERVED_PREFIX = "_"
+_NOT_WAITING = "waitScope, waitingSince, waitingUntil"
+
+
+def slot_pk(scope: str, index: int) -> str:
+    return f"{RESERVED_PREFIX}budget#{scope}#{index}"
 
 
 def _n(value: int) -> dict[str, str]:
@@ -112,11 +129,27 @@ class DynamoDBDebounceStore:
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
-        values = {":now": _n(now), ":claim": _s(claim_token), ":exp": _n(expires_at), **self._ident(key)}
+        values = {
+            ":now": _n(now),
+            ":claim": _s(claim_token),
+            ":exp": _n(expires_at),
+            ":base": _n(window_ms),
+            **self._ident(key),
+        }
         condition: str | None
-        update = "SET startedAt = :now, claimToken = :claim, expiresAt = :exp, tenantId = :tenant, #t = :target"
-        window = "(attribute_not_exists(startedAt) OR startedAt <= :cutoff)"
+        update = (
+            "SET startedAt = :now, claimToken = :claim, expiresAt = :exp, tenantId = :tenant, #t = :target,"
+            " windowEndsAt = if_not_exists(windowMs, :base) + :now"
+        )
+        # The window (the key's own end, and for items written before it the base window) and the
+        # in-flight gate: no refresh of the key may be posted while one is in Cube.
+        window = (
+            "(attribute_not_exists(startedAt) OR startedAt <= :cutoff)"
+            " AND (attribute_not_exists(windowEndsAt) OR windowEndsAt <= :now)"
+            " AND (attribute_not_exists(inflightUntil) OR inflightUntil <= :now)"
+        )
         if trailing_token is None:
             condition = None
             if not force:
@@ -125,35 +158,108 @@ class DynamoDBDebounceStore:
         else:
             update += ", trailingToken = :tt, trailingState = :running"
             values.update({":tt": _s(trailing_token), ":running": _s("running"), ":cutoff": _n(now - window_ms)})
+            current = ""
+            if trailing_due_at is not None:  # a copy of a message re-sent later is not current
+                current = "(attribute_not_exists(trailingDueAt) OR trailingDueAt <= :tdue) AND "
+                values[":tdue"] = _n(trailing_due_at)
             condition = (
-                "(attribute_not_exists(trailingToken) OR trailingToken = :tt) AND " + window + " AND "
+                "(attribute_not_exists(trailingToken) OR trailingToken = :tt) AND " + current + window + " AND "
                 "((attribute_exists(dirtyAt) AND (attribute_not_exists(startedAt) OR dirtyAt >= startedAt))"
                 " OR trailingState = :running)"
             )
         return self._update(key, update, condition, values, {"#t": "target"})
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
+    @staticmethod
+    def _restore(
+        sets: list[str], removes: list[str], values: dict[str, Any], started_at: int | None, window_ends_at: int | None
+    ) -> None:
+        """Give a claim back: the previous startedAt and windowEndsAt (or none)."""
+        for attr, name, value in (("startedAt", ":prev", started_at), ("windowEndsAt", ":prevEnd", window_ends_at)):
+            if value is None:
+                removes.append(attr)
+            else:
+                sets.append(f"{attr} = {name}")
+                values[name] = _n(value)
+
+    @staticmethod
+    def _waiting(sets: list[str], values: dict[str, Any], waiting: Waiting | None, *, since: str) -> None:
+        """Register the key as waiting for build budget (the `waiting` index), since `since`."""
+        if waiting is None:
+            return
+        sets += ["waitScope = :scope", f"waitingSince = {since}", "waitingUntil = :wuntil"]
+        values.update({":scope": _s(WAIT_SCOPE), ":wuntil": _n(waiting.until)})
+
+    @staticmethod
+    def _expression(sets: list[str], removes: list[str]) -> str:
+        return ("SET " + ", ".join(sets) if sets else "") + (" REMOVE " + ", ".join(removes) if removes else "")
+
+    def release(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None = None,
+    ) -> bool:
         values: dict[str, Any] = {":claim": _s(claim_token)}
-        if previous_started_at is None:
-            update = "REMOVE claimToken, startedAt"
-        else:
-            update = "SET startedAt = :prev REMOVE claimToken"
-            values[":prev"] = _n(previous_started_at)
-        return self._update(key, update, "claimToken = :claim", values).ok
+        sets: list[str] = []
+        removes = ["claimToken"]
+        self._restore(sets, removes, values, previous_started_at, previous_window_ends_at)
+        return self._update(key, self._expression(sets, removes), "claimToken = :claim", values).ok
+
+    def requeue_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        trailing_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None,
+        now: int,
+        due_at: int,
+        waiting: Waiting,
+    ) -> bool:
+        values: dict[str, Any] = {
+            ":claim": _s(claim_token),
+            ":tt": _s(trailing_token),
+            ":scheduled": _s("scheduled"),
+            ":due": _n(due_at),
+            ":now": _n(now),
+        }
+        sets = [
+            "trailingState = :scheduled",
+            "trailingDueAt = :due",
+            "dirtyAt = :now",
+            "pendingSince = if_not_exists(pendingSince, :now)",
+        ]
+        removes = ["claimToken"]
+        self._restore(sets, removes, values, previous_started_at, previous_window_ends_at)
+        self._waiting(sets, values, waiting, since="if_not_exists(pendingSince, :now)")
+        condition = "claimToken = :claim AND trailingToken = :tt"
+        return self._update(key, self._expression(sets, removes), condition, values).ok
 
     def join_trailing(
-        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        expires_at: int,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
-        values = {
+        values: dict[str, Any] = {
             ":now": _n(now),
             ":oldest": _n(oldest_event_ms),
             ":tt": _s(trailing_token),
             ":scheduled": _s("scheduled"),
             ":exp": _n(expires_at),
         }
+        sets = ["dirtyAt = :now", "pendingSince = if_not_exists(pendingSince, :oldest)", "expiresAt = :exp"]
+        self._waiting(sets, values, waiting, since="if_not_exists(pendingSince, :oldest)")
         result = self._update(
             key,
-            "SET dirtyAt = :now, pendingSince = if_not_exists(pendingSince, :oldest), expiresAt = :exp",
+            self._expression(sets, []),
             "trailingToken = :tt AND trailingState = :scheduled AND (attribute_not_exists(dirtyAt) OR dirtyAt < :now)",
             values,
         )
@@ -166,6 +272,11 @@ class DynamoDBDebounceStore:
             and st.dirty_at is not None
             and st.dirty_at >= now
         ):
+            if waiting is not None:  # still register the key as waiting
+                register: list[str] = []
+                more: dict[str, Any] = {":tt": _s(trailing_token), ":oldest": _n(oldest_event_ms)}
+                self._waiting(register, more, waiting, since="if_not_exists(pendingSince, :oldest)")
+                self._update(key, self._expression(register, []), "trailingToken = :tt", more)
             return WriteResult(True, st)  # a later mutation is already recorded: it covers ours
         return result
 
@@ -180,6 +291,7 @@ class DynamoDBDebounceStore:
         replaces: str | None,
         expires_at: int,
         replaces_started_at: int | None = None,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
         # Replacing a running trailing refresh that may have died: mark the key dirty no earlier
         # than that claim, so the new trailing refresh runs even if the old claim never reached Cube.
@@ -194,10 +306,18 @@ class DynamoDBDebounceStore:
             **self._ident(key),
         }
         pending = ":oldest" if replaces else "if_not_exists(pendingSince, :oldest)"
-        update = (
-            f"SET dirtyAt = :now, pendingSince = {pending}, trailingToken = :tt, trailingState = :scheduled,"
-            " trailingDueAt = :due, expiresAt = :exp, tenantId = :tenant, #t = :target"
-        )
+        sets = [
+            "dirtyAt = :now",
+            f"pendingSince = {pending}",
+            "trailingToken = :tt",
+            "trailingState = :scheduled",
+            "trailingDueAt = :due",
+            "expiresAt = :exp",
+            "tenantId = :tenant",
+            "#t = :target",
+        ]
+        self._waiting(sets, values, waiting, since=pending)
+        update = self._expression(sets, [])
         if replaces is None:
             condition = "attribute_not_exists(trailingToken)"
         else:
@@ -210,10 +330,18 @@ class DynamoDBDebounceStore:
             values.update({":old": _s(replaces), ":running": _s("running")})
         return self._update(key, update, condition, values, {"#t": "target"})
 
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        return self._update(
+            key,
+            "SET trailingDueAt = :due",
+            "trailingToken = :tt AND (attribute_not_exists(trailingDueAt) OR trailingDueAt < :due)",
+            {":tt": _s(trailing_token), ":due": _n(due_at)},
+        ).ok
+
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
         return self._update(
             key,
-            "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
+            f"REMOVE trailingToken, trailingState, trailingDueAt, pendingSince, {_NOT_WAITING}",
             "trailingToken = :tt",
             {":tt": _s(trailing_token)},
         ).ok
@@ -227,7 +355,7 @@ class DynamoDBDebounceStore:
             values[":dirty"] = _n(dirty_at)
         return self._update(
             key,
-            "REMOVE trailingToken, trailingState, trailingDueAt, pendingSince",
+            f"REMOVE trailingToken, trailingState, trailingDueAt, pendingSince, {_NOT_WAITING}",
             f"trailingToken = :tt AND trailingState = :scheduled AND {unchanged}",
             values,
         ).ok
@@ -253,17 +381,148 @@ class DynamoDBDebounceStore:
             else:
                 sets.append(f"{attr} = :{name}")
                 values[f":{name}"] = value
+        if record.window_ms is not None:
+            sets.append("windowMs = :wms")
+            values[":wms"] = _n(record.window_ms)
         update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         condition = "attribute_exists(pk) AND (attribute_not_exists(buildStartedAt) OR buildStartedAt < :start)"
         return self._update(key, update, condition, values).ok
 
-    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+    def record_jobs(
+        self, key: RefreshKey, *, started_at: int, tokens: Sequence[str], inflight_until: int | None = None
+    ) -> bool:
+        values: dict[str, Any] = {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}}
+        update = "SET jobsStartedAt = :start, jobTokens = :tokens"
+        if inflight_until is not None:
+            update += f", inflightUntil = :until REMOVE queuedSeenAt, pollSeq, {_NOT_WAITING}"
+            values[":until"] = _n(inflight_until)
         return self._update(
             key,
-            "SET jobsStartedAt = :start, jobTokens = :tokens",
+            update,
             "attribute_exists(pk) AND (attribute_not_exists(jobsStartedAt) OR jobsStartedAt < :start)",
-            {":start": _n(started_at), ":tokens": {"L": [_s(t) for t in tokens]}},
+            values,
         ).ok
+
+    def observe_pending(
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
+    ) -> bool:
+        values: dict[str, Any] = {":start": _n(started_at), ":until": _n(inflight_until)}
+        update = "SET inflightUntil = :until"
+        if scheduled_at is not None:
+            update += ", queuedSeenAt = :seen"
+            values[":seen"] = _n(scheduled_at)
+        if poll_seq is not None:
+            update += ", pollSeq = :seq"
+            values[":seq"] = _n(poll_seq)
+        condition = "jobsStartedAt = :start AND attribute_exists(inflightUntil)"
+        return self._update(key, update, condition, values).ok
+
+    def clear_inflight(self, key: RefreshKey, *, started_at: int) -> bool:
+        return self._update(
+            key,
+            "REMOVE inflightUntil, queuedSeenAt, pollSeq",
+            "jobsStartedAt = :start",
+            {":start": _n(started_at)},
+        ).ok
+
+    def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]:
+        """The `waiting` index, oldest first; lapsed registrations are filtered (DynamoDB applies
+        `Limit` before the filter, so pages are read until `limit` live ones or a bound)."""
+        if limit <= 0:
+            return []
+        args: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": WAITING_INDEX,
+            "KeyConditionExpression": "waitScope = :scope",
+            "FilterExpression": "waitingUntil > :now",
+            "ExpressionAttributeValues": {":scope": _s(scope), ":now": _n(now)},
+            "Limit": max(limit, 25),
+        }
+        found: list[Waiter] = []
+        try:
+            for _ in range(4):
+                page = self.client.query(**args)
+                for item in page.get("Items", []):
+                    token = item.get("trailingToken", {}).get("S")
+                    due = item.get("trailingDueAt", {}).get("N")
+                    since = int(item["waitingSince"]["N"])
+                    key = RefreshKey.from_pk(item["pk"]["S"])
+                    found.append(Waiter(key, since, token, int(due) if due is not None else None))
+                last = page.get("LastEvaluatedKey")
+                if len(found) >= limit or not last:
+                    break
+                args["ExclusiveStartKey"] = last
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"DynamoDB query of waiting keys failed: {type(exc).__name__}") from exc
+        return found[:limit]
+
+    # -- build budget slots (docs/load-aware.md) -------------------------------------------------
+    def budget_slots(self, scope: str, count: int) -> list[Slot]:
+        if count <= 0:
+            return []
+        keys = [{"pk": _s(slot_pk(scope, i))} for i in range(count)]
+        by_pk: dict[str, dict[str, Any]] = {}
+        try:
+            request: dict[str, Any] = {self.table: {"Keys": keys, "ConsistentRead": True}}
+            for _ in range(5):
+                response = self.client.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table, []):
+                    by_pk[item["pk"]["S"]] = item
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+            else:
+                raise StoreUnavailable("DynamoDB left budget slots unread")
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"DynamoDB read of budget slots failed: {type(exc).__name__}") from exc
+        slots = []
+        for i in range(count):
+            item = by_pk.get(slot_pk(scope, i)) or {}
+            lease = item.get("lease", {}).get("S")
+            until = item.get("leaseUntil", {}).get("N")
+            holder = item.get("leaseKey", {}).get("S")
+            slots.append(Slot(i, lease, int(until) if until is not None else None, holder))
+        return slots
+
+    def _slot(self, scope: str, index: int, update: str, condition: str, values: dict[str, Any]) -> bool:
+        try:
+            self.client.update_item(
+                TableName=self.table,
+                Key={"pk": _s(slot_pk(scope, index))},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise StoreUnavailable(f"DynamoDB {exc.response.get('Error', {}).get('Code')}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"DynamoDB unreachable: {type(exc).__name__}") from exc
+        return True
+
+    def take_slot(self, scope: str, index: int, *, lease: str, key: str, now: int, until: int) -> bool:
+        return self._slot(
+            scope,
+            index,
+            "SET lease = :lease, leaseKey = :key, leaseUntil = :until",
+            "attribute_not_exists(lease) OR leaseUntil <= :now",
+            {":lease": _s(lease), ":key": _s(key), ":until": _n(until), ":now": _n(now)},
+        )
+
+    def renew_slot(self, scope: str, index: int, *, lease: str, until: int) -> bool:
+        return self._slot(
+            scope, index, "SET leaseUntil = :until", "lease = :lease", {":lease": _s(lease), ":until": _n(until)}
+        )
+
+    def free_slot(self, scope: str, index: int, *, lease: str) -> bool:
+        return self._slot(scope, index, "REMOVE lease, leaseKey, leaseUntil", "lease = :lease", {":lease": _s(lease)})
 
     def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
         # Two conditional writes: add to the parts of this refresh, or start them (replacing an older
@@ -307,6 +566,8 @@ class DynamoDBDebounceStore:
         try:
             for page in self.client.get_paginator("scan").paginate(**args):
                 for item in page.get("Items", []):
+                    if item["pk"]["S"].startswith(RESERVED_PREFIX):
+                        continue  # a budget slot, not a refresh key
                     state = to_state(item)
                     if state is not None:
                         found.append((RefreshKey.from_pk(item["pk"]["S"]), state))

@@ -16,16 +16,31 @@ from handler.domain.ports import (
     CubeAnswer,
     JobStatus,
     KeyState,
+    Slot,
     TrailingMessage,
+    Waiter,
+    Waiting,
     WriteResult,
 )
 
+_NOT_WAITING = {"waiting_since": None, "waiting_until": None}
+
+
+def _waiting(st: KeyState, waiting: Waiting | None, pending: int | None) -> KeyState:
+    """Register (or renew) a key as waiting for build budget, since its oldest pending mutation."""
+    if waiting is None:
+        return st
+    since = pending if pending is not None else waiting.since
+    return replace(st, waiting_since=since, waiting_until=waiting.until)
+
 
 class InMemoryDebounceStore:
-    """Thread-safe; each method is atomic, like one DynamoDB conditional write."""
+    """Thread-safe; each method is atomic, like one DynamoDB conditional write. Also the build budget
+    (slots) and the index of waiting keys, like the DynamoDB table holds them."""
 
     def __init__(self) -> None:
         self.items: dict[RefreshKey, KeyState] = {}
+        self.slots: dict[tuple[str, int], Slot] = {}
         self.writes = 0
         self._lock = threading.Lock()
 
@@ -39,40 +54,96 @@ class InMemoryDebounceStore:
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
         with self._lock:
             self.writes += 1
             old = self.items.get(key)
             st = old or KeyState()
-            window_over = st.started_at is None or st.started_at <= now - window_ms
+            window_over = (st.started_at is None or st.started_at <= now - window_ms) and (
+                st.window_ends_at is None or st.window_ends_at <= now
+            )
+            window_over = window_over and not st.gated(now)
             if trailing_token is None:
                 ok = force or window_over
             else:
                 stale = st.dirty_at is not None and (st.started_at is None or st.dirty_at >= st.started_at)
+                current = trailing_due_at is None or st.trailing_due_at is None or st.trailing_due_at <= trailing_due_at
                 ok = (
                     st.trailing_token in (None, trailing_token)
+                    and current
                     and window_over
                     and (stale or st.trailing_state == "running")
                 )
             if not ok:
                 return WriteResult(False, old)
-            new = replace(st, started_at=now, claim_token=claim_token, expires_at=expires_at)
+            window = st.window_ms if st.window_ms is not None else window_ms
+            new = replace(
+                st, started_at=now, claim_token=claim_token, expires_at=expires_at, window_ends_at=now + window
+            )
             if trailing_token is not None:
                 new = replace(new, trailing_token=trailing_token, trailing_state="running")
             self.items[key] = new
             return WriteResult(True, old)
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
+    def release(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None = None,
+    ) -> bool:
         with self._lock:
             self.writes += 1
             st = self.items.get(key)
             if st is None or st.claim_token != claim_token:
                 return False
-            self.items[key] = replace(st, started_at=previous_started_at, claim_token=None)
+            self.items[key] = replace(
+                st, started_at=previous_started_at, window_ends_at=previous_window_ends_at, claim_token=None
+            )
+            return True
+
+    def requeue_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        trailing_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None,
+        now: int,
+        due_at: int,
+        waiting: Waiting,
+    ) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.claim_token != claim_token or st.trailing_token != trailing_token:
+                return False
+            pending = st.pending_since if st.pending_since is not None else now
+            st = replace(
+                st,
+                started_at=previous_started_at,
+                window_ends_at=previous_window_ends_at,
+                claim_token=None,
+                trailing_state="scheduled",
+                trailing_due_at=due_at,
+                dirty_at=now,
+                pending_since=pending,
+            )
+            self.items[key] = _waiting(st, waiting, pending)
             return True
 
     def join_trailing(
-        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        expires_at: int,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
         with self._lock:
             self.writes += 1
@@ -80,9 +151,12 @@ class InMemoryDebounceStore:
             if st is None or st.trailing_token != trailing_token or st.trailing_state != "scheduled":
                 return WriteResult(False, st)
             if st.dirty_at is not None and st.dirty_at >= now:
+                if waiting is not None:
+                    self.items[key] = _waiting(st, waiting, st.pending_since)
                 return WriteResult(True, st)  # a later mutation is already recorded: it covers ours
             pending = st.pending_since if st.pending_since is not None else oldest_event_ms
-            self.items[key] = replace(st, dirty_at=now, pending_since=pending, expires_at=expires_at)
+            new = replace(st, dirty_at=now, pending_since=pending, expires_at=expires_at)
+            self.items[key] = _waiting(new, waiting, pending)
             return WriteResult(True, st)
 
     def schedule_trailing(
@@ -96,6 +170,7 @@ class InMemoryDebounceStore:
         replaces: str | None,
         expires_at: int,
         replaces_started_at: int | None = None,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
         with self._lock:
             self.writes += 1
@@ -112,7 +187,7 @@ class InMemoryDebounceStore:
             if not ok:
                 return WriteResult(False, old)
             pending = oldest_event_ms if replaces or st.pending_since is None else st.pending_since
-            self.items[key] = replace(
+            new = replace(
                 st,
                 dirty_at=max(now, replaces_started_at or 0) if replaces else now,
                 pending_since=pending,
@@ -121,7 +196,19 @@ class InMemoryDebounceStore:
                 trailing_due_at=due_at,
                 expires_at=expires_at,
             )
+            self.items[key] = _waiting(new, waiting, pending)
             return WriteResult(True, old)
+
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.trailing_token != trailing_token:
+                return False
+            if st.trailing_due_at is not None and st.trailing_due_at >= due_at:
+                return False
+            self.items[key] = replace(st, trailing_due_at=due_at)
+            return True
 
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
         with self._lock:
@@ -130,7 +217,7 @@ class InMemoryDebounceStore:
             if st is None or st.trailing_token != trailing_token:
                 return False
             self.items[key] = replace(
-                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None
+                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None, **_NOT_WAITING
             )
             return True
 
@@ -146,7 +233,7 @@ class InMemoryDebounceStore:
             ):
                 return False
             self.items[key] = replace(
-                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None
+                st, trailing_token=None, trailing_state=None, trailing_due_at=None, pending_since=None, **_NOT_WAITING
             )
             return True
 
@@ -166,16 +253,93 @@ class InMemoryDebounceStore:
                 build_error=record.error or None,
                 build_failures=record.failures,
                 retrigger_due_at=record.retrigger_due_at,
+                window_ms=record.window_ms if record.window_ms is not None else st.window_ms,
             )
             return True
 
-    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+    def record_jobs(
+        self, key: RefreshKey, *, started_at: int, tokens: Sequence[str], inflight_until: int | None = None
+    ) -> bool:
         with self._lock:
             self.writes += 1
             st = self.items.get(key)
             if st is None or (st.jobs_started_at is not None and st.jobs_started_at >= started_at):
                 return False
-            self.items[key] = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
+            st = replace(st, jobs_started_at=started_at, job_tokens=tuple(tokens))
+            if inflight_until is not None:
+                st = replace(st, inflight_until=inflight_until, queued_seen_at=None, poll_seq=None, **_NOT_WAITING)
+            self.items[key] = st
+            return True
+
+    def observe_pending(
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
+    ) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.jobs_started_at != started_at or st.inflight_until is None:
+                return False
+            st = replace(st, inflight_until=inflight_until)
+            if poll_seq is not None:
+                st = replace(st, poll_seq=poll_seq)
+            if scheduled_at is not None:
+                st = replace(st, queued_seen_at=scheduled_at)
+            self.items[key] = st
+            return True
+
+    def clear_inflight(self, key: RefreshKey, *, started_at: int) -> bool:
+        with self._lock:
+            self.writes += 1
+            st = self.items.get(key)
+            if st is None or st.jobs_started_at != started_at:
+                return False
+            self.items[key] = replace(st, inflight_until=None, queued_seen_at=None, poll_seq=None)
+            return True
+
+    def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]:
+        with self._lock:
+            live = [
+                Waiter(k, st.waiting_since, st.trailing_token, st.trailing_due_at)
+                for k, st in self.items.items()
+                if st.waiting_since is not None and st.waiting_until is not None and st.waiting_until > now
+            ]
+        return sorted(live, key=lambda w: (w.since, w.key.pk))[:limit]
+
+    # -- build budget slots ------------------------------------------------------------------
+    def budget_slots(self, scope: str, count: int) -> list[Slot]:
+        with self._lock:
+            return [self.slots.get((scope, i), Slot(i)) for i in range(count)]
+
+    def take_slot(self, scope: str, index: int, *, lease: str, key: str, now: int, until: int) -> bool:
+        with self._lock:
+            self.writes += 1
+            if not self.slots.get((scope, index), Slot(index)).free(now):
+                return False
+            self.slots[(scope, index)] = Slot(index, lease, until, key)
+            return True
+
+    def renew_slot(self, scope: str, index: int, *, lease: str, until: int) -> bool:
+        with self._lock:
+            self.writes += 1
+            slot = self.slots.get((scope, index))
+            if slot is None or slot.lease != lease:
+                return False
+            self.slots[(scope, index)] = replace(slot, until=until)
+            return True
+
+    def free_slot(self, scope: str, index: int, *, lease: str) -> bool:
+        with self._lock:
+            self.writes += 1
+            slot = self.slots.get((scope, index))
+            if slot is None or slot.lease != lease:
+                return False
+            self.slots[(scope, index)] = Slot(index)
             return True
 
     def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:

@@ -45,6 +45,26 @@ class KeyState:
     # the refresh that started at `build_parts_of` whose jobs were all seen done.
     build_parts_of: int | None = None
     build_parts: frozenset[int] | None = None
+    # Load-aware refresh (docs/load-aware.md): the adaptive window, the in-flight gate and its
+    # ride-along horizon, and the wait for build budget.
+    window_ms: int | None = None  # the key's effective debounce window
+    window_ends_at: int | None = None  # the last claim's start plus the window in force then
+    inflight_until: int | None = None  # a refresh of the key is in Cube (queued or building) until then
+    queued_seen_at: int | None = None  # a poll sent then found every job of that refresh `scheduled`
+    poll_seq: int | None = None  # the in-flight refresh's verify messages sent so far (a copy stops)
+    waiting_since: int | None = None  # waiting for build budget since (its oldest pending mutation)
+    waiting_until: int | None = None  # ... registration valid until then (renewed at each deferral)
+
+    def gated(self, now: int) -> bool:
+        """A refresh of this key is still in Cube: no other may be posted."""
+        return self.inflight_until is not None and self.inflight_until > now
+
+    def window_end(self, base_ms: int) -> int:
+        """When the current window ends (items written before the adaptive window have no
+        `windowEndsAt`: their window is the base)."""
+        if self.window_ends_at is not None:
+            return self.window_ends_at
+        return (self.started_at or 0) + base_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +79,39 @@ class BuildRecord:
     error: str = ""
     failures: int = 0
     retrigger_due_at: int | None = None
+    window_ms: int | None = None  # the key's next effective window (adaptive), None: unchanged
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A key deferred for build budget registers as waiting (oldest mutation first): the sort key is
+    its oldest pending mutation, the registration lapses at `until` unless renewed."""
+
+    since: int
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """A registered waiting key, as the `waiting` index lists it."""
+
+    key: RefreshKey
+    since: int
+    trailing_token: str | None
+    trailing_due_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One unit of build budget: free, or leased to a refresh until `until`."""
+
+    index: int
+    lease: str | None = None
+    until: int | None = None
+    key: str | None = None
+
+    def free(self, now: int) -> bool:
+        return self.lease is None or self.until is None or self.until <= now
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,23 +137,60 @@ class DebounceStore(Protocol):
         expires_at: int,
         trailing_token: str | None = None,
         force: bool = False,
+        trailing_due_at: int | None = None,
     ) -> WriteResult:
-        """Leading claim (trailing_token None): succeeds when no refresh started within the window
-        (or force). Sets startedAt=now, claimToken. Trailing claim: additionally requires
-        trailingToken to be absent or equal, and the key to be stale (dirtyAt >= startedAt) or a
-        previous trailing attempt to have died (trailingState = running); sets trailingState=running."""
+        """Leading claim (trailing_token None): succeeds when the window is over (`startedAt <=
+        now - window_ms` and `windowEndsAt <= now`) and no refresh of the key is in Cube
+        (`inflightUntil` absent or past); `force` skips both. Sets startedAt=now, claimToken and
+        windowEndsAt = now + the key's windowMs (window_ms if it has none). Trailing claim:
+        additionally requires trailingToken to be absent or equal, the message to be current (its
+        `trailing_due_at` not older than `trailingDueAt`: a copy of a re-sent message is not), and the
+        key to be stale (dirtyAt >= startedAt) or a previous trailing attempt to have died
+        (trailingState = running); sets trailingState=running."""
         ...
 
-    def release(self, key: RefreshKey, *, claim_token: str, previous_started_at: int | None) -> bool:
-        """Undo a claim whose refresh failed: restore startedAt, drop claimToken. Only if claimToken
-        still equals ours. A trailing refresh stays `running`, so later mutations schedule a fresh
-        message instead of joining one that waits out its SQS visibility timeout."""
+    def release(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None = None,
+    ) -> bool:
+        """Undo a claim whose refresh failed: restore startedAt and windowEndsAt, drop claimToken.
+        Only if claimToken still equals ours. A trailing refresh stays `running`, so later mutations
+        schedule a fresh message instead of joining one that waits out its SQS visibility timeout."""
+        ...
+
+    def requeue_trailing(
+        self,
+        key: RefreshKey,
+        *,
+        claim_token: str,
+        trailing_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None,
+        now: int,
+        due_at: int,
+        waiting: Waiting,
+    ) -> bool:
+        """A trailing claim found no build budget: give the claim back (as `release`) and put the
+        trailing refresh back to `scheduled`, due at `due_at` (its message is re-sent first), the key
+        marked dirty now and registered as waiting. Only if claimToken and trailingToken are ours."""
         ...
 
     def join_trailing(
-        self, key: RefreshKey, *, now: int, oldest_event_ms: int, trailing_token: str, expires_at: int
+        self,
+        key: RefreshKey,
+        *,
+        now: int,
+        oldest_event_ms: int,
+        trailing_token: str,
+        expires_at: int,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
-        """Record a debounced mutation on a trailing refresh that is scheduled and not yet running."""
+        """Record a debounced mutation on a trailing refresh that is scheduled and not yet running
+        (`waiting`: the key was deferred for build budget: register it)."""
         ...
 
     def schedule_trailing(
@@ -114,6 +204,7 @@ class DebounceStore(Protocol):
         replaces: str | None,
         expires_at: int,
         replaces_started_at: int | None = None,
+        waiting: Waiting | None = None,
     ) -> WriteResult:
         """Record a debounced mutation and a new trailing refresh: when none exists (replaces None),
         or in place of one that is running (replaces = its token, replaces_started_at = the startedAt
@@ -121,8 +212,13 @@ class DebounceStore(Protocol):
         refresh may have died before reaching Cube, and the new one must then not find the key clean."""
         ...
 
+    def reschedule_trailing(self, key: RefreshKey, *, trailing_token: str, due_at: int) -> bool:
+        """The trailing refresh's message was re-sent due at `due_at`: record it (only later, only for
+        this token), so older copies of the message stop instead of re-sending themselves."""
+        ...
+
     def finish_trailing(self, key: RefreshKey, *, trailing_token: str) -> bool:
-        """Forget a trailing refresh that ran (Cube accepted it)."""
+        """Forget a trailing refresh that ran (Cube accepted it), and the key's waiting registration."""
         ...
 
     def drop_trailing(self, key: RefreshKey, *, trailing_token: str, dirty_at: int | None) -> bool:
@@ -135,9 +231,37 @@ class DebounceStore(Protocol):
         (`buildStartedAt < record.started_at`): duplicates and stale verifications change nothing."""
         ...
 
-    def record_jobs(self, key: RefreshKey, *, started_at: int, tokens: Sequence[str]) -> bool:
+    def record_jobs(
+        self, key: RefreshKey, *, started_at: int, tokens: Sequence[str], inflight_until: int | None = None
+    ) -> bool:
         """Keep the job tokens of the refresh that started at `started_at`, unless a later refresh's
-        are recorded already."""
+        are recorded already. `inflight_until`: its builds are in Cube: raise the in-flight gate until
+        then, forget the previous refresh's ride-along horizon and the key's waiting registration."""
+        ...
+
+    def observe_pending(
+        self,
+        key: RefreshKey,
+        *,
+        started_at: int,
+        inflight_until: int,
+        scheduled_at: int | None,
+        poll_seq: int | None = None,
+    ) -> bool:
+        """A poll found the refresh of `started_at` still in Cube: renew its gate and, when every job
+        was `scheduled` at the poll sent at `scheduled_at`, record that as its ride-along horizon;
+        `poll_seq`: the number of the verify message just sent for it. Only while that refresh is the
+        key's in-flight one (`jobsStartedAt` and a gate)."""
+        ...
+
+    def clear_inflight(self, key: RefreshKey, *, started_at: int) -> bool:
+        """The refresh of `started_at` is settled: drop the gate and its ride-along horizon, only if it
+        is still the key's in-flight refresh."""
+        ...
+
+    def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]:
+        """Keys registered as waiting for build budget in `scope` and still live, oldest first (an
+        eventually consistent index: best effort)."""
         ...
 
     def record_part(self, key: RefreshKey, *, started_at: int, part: int) -> frozenset[int]:
@@ -152,6 +276,28 @@ class DebounceStore(Protocol):
     def scan(self, tenant_id: str | None = None) -> list[tuple[RefreshKey, KeyState]]: ...
 
     def delete(self, key: RefreshKey) -> None: ...
+
+
+class BudgetStore(Protocol):
+    """Build budget slots (docs/load-aware.md): one item per slot, each taken or renewed with one
+    conditional write, so the budget is shared by every concurrent invocation; a lease that is not
+    renewed lapses, so a crashed invocation cannot keep its slots."""
+
+    def budget_slots(self, scope: str, count: int) -> list[Slot]: ...
+
+    def take_slot(self, scope: str, index: int, *, lease: str, key: str, now: int, until: int) -> bool:
+        """Only if the slot is free (no lease, or its lease lapsed at or before `now`)."""
+        ...
+
+    def renew_slot(self, scope: str, index: int, *, lease: str, until: int) -> bool:
+        """Only if the slot still holds `lease`."""
+        ...
+
+    def free_slot(self, scope: str, index: int, *, lease: str) -> bool:
+        """Only if the slot still holds `lease`."""
+        ...
+
+    def waiters(self, scope: str, *, now: int, limit: int) -> list[Waiter]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from handler.domain.debounce import Claim, Debounced, Debouncer, Rescheduled
+from handler.domain.admission import NO_LEASE, Admission, Decision, Lease, Request, defer_delay_ms
+from handler.domain.debounce import Claim, Debounced, Debouncer, NothingToDo, Rescheduled
 from handler.domain.errors import (
     CubeError,
     CubeNotSent,
@@ -25,6 +26,8 @@ from handler.domain.ports import (
     Mapper,
     Telemetry,
     TrailingMessage,
+    Waiter,
+    Waiting,
     serial_map,
 )
 from handler.domain.routing import DEFAULT_MAX_SELECTORS, EntityCubeMap, build_selectors
@@ -122,7 +125,7 @@ def _per_key(
 @dataclass(frozen=True, slots=True)
 class KeyOutcome:
     key: RefreshKey
-    status: str  # refreshed | debounced | failed | rescheduled | skipped
+    status: str  # refreshed | debounced | deferred | failed | rescheduled | skipped
     detail: str = ""
     job_tokens: tuple[str, ...] = ()
 
@@ -150,9 +153,12 @@ class RefreshService:
         verifier: BuildVerifier | None = None,
         *,
         max_selectors: int = DEFAULT_MAX_SELECTORS,
+        admission: Admission | None = None,
     ) -> None:
         self._map = map_io
         self.max_selectors = max_selectors
+        # None (or a budget of 0): no admission control, every claim posts.
+        self.admission = admission
         # None: refreshes are not verified (tests and the model check of the debounce alone).
         self.verifier = verifier
         self.routes = routes
@@ -280,7 +286,9 @@ class RefreshService:
         outcome.keys.append(KeyOutcome(decision.key, "debounced", detail))
 
     # -- trailing refreshes ------------------------------------------------------------------
-    def process_trailing(self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int) -> Outcome:
+    def process_trailing(
+        self, messages: Iterable[tuple[RecordRef, TrailingMessage]], *, deadline_ms: int, wake: bool = True
+    ) -> Outcome:
         outcome = Outcome()
         budget = Budget.split(self.clock.now_ms(), deadline_ms)
         claims: dict[str, list[Claim]] = defaultdict(list)
@@ -301,11 +309,11 @@ class RefreshService:
             elif isinstance(result, Rescheduled):
                 outcome.keys.append(KeyOutcome(result.key, "rescheduled", f"due at {result.due_at}"))
             else:
-                outcome.keys.append(KeyOutcome(result.key, "skipped", result.reason))
+                self._skipped(result, outcome)
         fired = sum(len(c) for c in claims.values())
         if fired:
             self.telemetry.count("TrailingFired", fired)
-        ok_keys = self._refresh_all(claims, budget, outcome)
+        ok_keys = self._refresh_all(claims, budget, outcome, wake=wake)
         for tenant_claims in claims.values():
             for claim in tenant_claims:
                 if claim.key not in ok_keys:
@@ -313,6 +321,11 @@ class RefreshService:
                         if not self._retry_later(message, outcome.errors.get(claim.key)):
                             outcome.failed.add(ref)
         return outcome
+
+    def _skipped(self, result: NothingToDo, outcome: Outcome) -> None:
+        if result.rode_along:
+            self.telemetry.count("RideAlongs")
+        outcome.keys.append(KeyOutcome(result.key, "skipped", result.reason))
 
     def _retry_later(self, message: TrailingMessage, error: CubeError | None) -> bool:
         """Cube failed a trailing refresh: come back after a short backoff instead of waiting out the
@@ -337,8 +350,66 @@ class RefreshService:
             log.error("verify messages received but verification is not wired: reported for redelivery")
             outcome.failed.update(ref for ref, _ in items)
             return outcome
-        outcome.failed |= self.verifier.process(items, deadline_ms=deadline_ms)
+        settled = self.verifier.settle(items, deadline_ms=deadline_ms)
+        outcome.failed |= settled.failed
+        self._wake_after(settled.keys, settled.freed_slots, deadline_ms, outcome)
         return outcome
+
+    # -- waking what waits on a settled build or on budget (docs/load-aware.md) --------------
+    def _wake_after(self, keys: Sequence[RefreshKey], freed_slots: int, deadline_ms: int, outcome: Outcome) -> None:
+        """Builds were settled: fire now the trailing refreshes their gate held back, and the oldest
+        keys waiting for the budget they freed. Best effort: each of them has its own message in
+        flight anyway (a wake only saves it the wait)."""
+        now = self.clock.now_ms()
+        messages: list[TrailingMessage] = []
+        for key in dict.fromkeys(keys):
+            try:
+                state = self.debouncer.store.get(key)
+            except StoreUnavailable:
+                continue
+            if (
+                state is not None
+                and state.trailing_token is not None
+                and state.trailing_state == "scheduled"
+                and not state.gated(now)
+                and state.window_end(self.debouncer.windows.base(key)) <= now
+            ):
+                due = state.trailing_due_at if state.trailing_due_at is not None else now
+                messages.append(
+                    TrailingMessage(key.tenant_id, key.target, state.trailing_token, due, partition=key.partition)
+                )
+        if self.admission is not None and freed_slots:
+            try:
+                waiters = self.admission.waiters(freed_slots)
+            except StoreUnavailable:
+                waiters = []
+            messages += self._wake_messages(waiters, now)
+        self._wake(messages, deadline_ms, outcome)
+
+    @staticmethod
+    def _wake_messages(waiters: Sequence[Waiter], now: int) -> list[TrailingMessage]:
+        # The message as the key's record has it (its due time: a wake is a current copy, not an old one).
+        return [
+            TrailingMessage(
+                w.key.tenant_id,
+                w.key.target,
+                w.trailing_token,
+                w.trailing_due_at if w.trailing_due_at is not None else now,
+                partition=w.key.partition,
+            )
+            for w in waiters
+            if w.trailing_token is not None
+        ]
+
+    def _wake(self, messages: Sequence[TrailingMessage], deadline_ms: int, outcome: Outcome) -> None:
+        unique = list({(m.key, m.token): m for m in messages}.values())
+        if not unique:
+            return
+        self.telemetry.count("Wakes", len(unique))
+        woken = self.process_trailing(
+            [(RecordRef("wake", i), m) for i, m in enumerate(unique)], deadline_ms=deadline_ms, wake=False
+        )
+        outcome.keys += woken.keys  # their failures are not ours to report: their own messages stay
 
     def process_retrigger(self, messages: Iterable[tuple[RecordRef, RetriggerMessage]], *, deadline_ms: int) -> Outcome:
         """Re-trigger keys whose build failed, through the debounce protocol: each key is decided as
@@ -393,17 +464,80 @@ class RefreshService:
         self._refresh_all({tenant_id: claims} if claims else {}, budget, outcome)
         return outcome
 
+    # -- admission (handler.domain.admission) -----------------------------------------------
+    def _admit(
+        self, claims: dict[str, list[Claim]], outcome: Outcome
+    ) -> tuple[dict[str, list[Claim]], dict[RefreshKey, Lease], set[RefreshKey], list[Claim], list[Waiter]]:
+        """Leases of build budget for the claims that fit; the others are deferred (given back, their
+        trailing refresh re-sent for later, the key registered as waiting). Returns the admitted claims
+        by tenant, their leases, the keys deferred (their records are acknowledged: a message carries
+        them), the claims whose deferral failed (released and reported like a failed refresh), and
+        the waiters to wake."""
+        everything = [c for tenant in sorted(claims) for c in claims[tenant]]
+        asking = [c for c in everything if not c.force]
+        if self.admission is None or not self.admission.enabled or not asking:
+            return claims, {}, set(), [], []
+        try:
+            decision = self.admission.admit([Request(c.key, c.oldest, c.expected_jobs) for c in asking])
+        except StoreUnavailable as exc:
+            log.warning("build budget unreadable: claims deferred", extra={"error": str(exc)})
+            decision = Decision(deferred=[c.key for c in asking])
+        deferred_keys = set(decision.deferred)
+        admitted: dict[str, list[Claim]] = defaultdict(list)
+        deferred: set[RefreshKey] = set()
+        unsettled: list[Claim] = []
+        for claim in everything:
+            if claim.key not in deferred_keys:
+                admitted[claim.key.tenant_id].append(claim)
+            elif self._defer(claim, outcome):
+                deferred.add(claim.key)
+            else:
+                unsettled.append(claim)
+        return dict(admitted), decision.leases, deferred, unsettled, decision.wake
+
+    def _defer(self, claim: Claim, outcome: Outcome) -> bool:
+        now = self.clock.now_ms()
+        age = max(0, now - claim.oldest)
+        due = now + defer_delay_ms(age)
+        waiting = Waiting(claim.oldest, due + defer_delay_ms(age) + 60_000)
+        try:
+            self.debouncer.defer(claim, due_at=due, waiting=waiting)
+        except (StoreUnavailable, SchedulerUnavailable) as exc:
+            log.warning("deferral failed", extra={"key": claim.key.pk, "error": str(exc)})
+            outcome.keys.append(KeyOutcome(claim.key, "failed", f"deferral failed: {exc}"))
+            return False
+        self.telemetry.count("KeysDeferred")
+        self.telemetry.timing("BacklogAge", age)
+        outcome.keys.append(KeyOutcome(claim.key, "deferred", f"over the build budget: back at {due}"))
+        return True
+
+    def _free(self, leases: dict[RefreshKey, Lease], keys: Iterable[RefreshKey]) -> None:
+        if self.admission is None:
+            return
+        for key in keys:
+            lease = leases.pop(key, NO_LEASE)
+            if lease.slots:
+                try:
+                    self.admission.free(lease)
+                except StoreUnavailable as exc:  # its lease lapses on its own
+                    log.warning("build budget not freed", extra={"key": key.pk, "error": str(exc)})
+
     # -- the one place Cube is called --------------------------------------------------------
-    def _refresh_all(self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome) -> set[RefreshKey]:
-        """One Cube request per tenant, its verification scheduled by the same worker right after
+    def _refresh_all(
+        self, claims: dict[str, list[Claim]], budget: Budget, outcome: Outcome, *, wake: bool = True
+    ) -> set[RefreshKey]:
+        """Admission first (handler.domain.admission: the claims over the build budget are deferred),
+        then one Cube request per tenant, its verification scheduled by the same worker right after
         Cube's answer (tenants spread by the mapper, all inside the Cube phase of the budget); then
         the bookkeeping in order; then, spread again, the writes that follow a refresh and the
-        releases of what Cube did not take (there may be thousands of each)."""
+        releases of what Cube did not take (there may be thousands of each). Returns the keys whose
+        records are settled: refreshed, or deferred with their trailing refresh in flight."""
+        claims, leases, deferred, unsettled, waiters = self._admit(claims, outcome)
         tenants = sorted(claims)
         ok: set[RefreshKey] = set()
         unsent = 0
         after: list[tuple[Claim, bool]] = []
-        asked_all = self._map(lambda tenant_id: self._ask_cube(tenant_id, claims[tenant_id], budget), tenants)
+        asked_all = self._map(lambda tenant_id: self._ask_cube(tenant_id, claims[tenant_id], budget, leases), tenants)
         for tenant_id, asked in zip(tenants, asked_all, strict=True):
             unsent += sum(1 for a in asked.answers if isinstance(a, CubeNotSent))
             refreshed, nothing = self._settle(tenant_id, claims[tenant_id], asked, outcome)
@@ -412,12 +546,17 @@ class RefreshService:
         if unsent:
             log.warning("deadline near: Cube requests not sent, claims released", extra={"selectors_not_sent": unsent})
         self._map(self._after_refresh, after)
-        released = self._map(self._release, [c for tenant in tenants for c in claims[tenant] if c.key not in ok])
+        failed = [c for tenant in tenants for c in claims[tenant] if c.key not in ok]
+        released = self._map(self._release, [*failed, *unsettled])
         if any(released):
             self.telemetry.count("ClaimsReleased", sum(released))
-        return ok
+        # No build in Cube for these: a failed or unsent request, or nothing to build.
+        self._free(leases, [c.key for c in failed] + [c.key for c, nothing in after if nothing])
+        if wake and waiters:
+            self._wake(self._wake_messages(waiters, self.clock.now_ms()), budget.deadline, outcome)
+        return ok | deferred
 
-    def _ask_cube(self, tenant_id: str, claims: list[Claim], budget: Budget) -> _Asked:
+    def _ask_cube(self, tenant_id: str, claims: list[Claim], budget: Budget, leases: dict[RefreshKey, Lease]) -> _Asked:
         """Runs in a worker: Cube's request for one tenant's claimed keys, then the verification of
         what Cube accepted (sent before any bookkeeping: see _verify_later)."""
         selectors = build_selectors(
@@ -431,7 +570,7 @@ class RefreshService:
         latency = self.clock.now_ms() - started
         tokens, errors = _per_key(selectors, answers)
         accepted = [(c, tuple(tokens[c.key])) for c in claims if c.key not in errors]
-        return _Asked(selectors, answers, latency, self._verify_later(tenant_id, accepted))
+        return _Asked(selectors, answers, latency, self._verify_later(tenant_id, accepted, leases))
 
     def _settle(
         self, tenant_id: str, claims: list[Claim], asked: _Asked, outcome: Outcome
@@ -458,6 +597,8 @@ class RefreshService:
                 continue
             refreshed.append(claim)
             self.telemetry.count("RefreshesTriggered")
+            if claim.window_ms is not None:
+                self.telemetry.timing("EffectiveWindow", claim.window_ms)
             self.telemetry.count("RefreshesByCube", dimension=("Cube", claim.key.cube))
             if claim.oldest_event_ms is not None:
                 self.telemetry.timing("RefreshStaleness", max(0, claim.started_at - claim.oldest_event_ms))
@@ -490,17 +631,19 @@ class RefreshService:
             },
         )
 
-    def _verify_later(self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]]) -> set[RefreshKey]:
+    def _verify_later(
+        self, tenant_id: str, accepted: Sequence[tuple[Claim, tuple[str, ...]]], leases: dict[RefreshKey, Lease]
+    ) -> set[RefreshKey]:
         """Schedule the verification of the builds Cube accepted (before any bookkeeping: the keys
         whose verification could not be scheduled are released and their records redelivered, so
         no accepted refresh goes unverified). Keys Cube answered with no job are not verified: see
-        _nothing_to_build. Answers the keys not scheduled."""
+        _nothing_to_build. Answers the keys not scheduled. The verify messages carry each key's
+        build-budget lease; the verifier records the jobs with the key's in-flight gate up, which the
+        verification lowers when the build is settled (docs/load-aware.md)."""
         if self.verifier is None:
             return set()
         targets = [
-            BuildTarget(
-                c.key, tokens, c.started_at, c.oldest_event_ms if c.oldest_event_ms is not None else c.started_at
-            )
+            BuildTarget(c.key, tokens, c.started_at, c.oldest, lease=leases.get(c.key, NO_LEASE))
             for c, tokens in accepted
             if tokens
         ]
