@@ -17,6 +17,7 @@ from bench.bench_overload import (
     coverage,
     due_batches,
     lag_cells,
+    lag_floor,
     lag_parts,
     oracle_lags,
     percentile,
@@ -216,3 +217,17 @@ def test_lag_parts_a_mutation_after_the_post_rode_along() -> None:
     (parts,) = lag_parts(phase, MONTH)
     assert parts.rode_along and parts.before_post_ms == 0 and parts.queued_ms == 6_000
     assert parts.lag_ms == 8_000 and parts.poll_lag_ms == 3_000
+
+
+def test_lag_floor_counts_the_builds_every_mutation_needs_against_the_slots():
+    assert 2_000 <= lag_floor([(0, "a")], 1000, 1) <= 2_250  # two rollups, one after the other
+    assert 4_000 <= lag_floor([(0, "a"), (0, "b")], 1000, 1) <= 4_250
+    assert 2_000 <= lag_floor([(0, "a"), (0, "b")], 1000, 1, exempt=1) <= 2_250  # one tenant left out
+
+
+def test_lag_floor_is_never_above_what_the_oldest_first_scheduler_achieves():
+    commits = [(a.offset_s * 1000, a.tenant) for a in schedule(tenant_names(8), 120, 30.0, 3)]
+    commits = [(int(t), tenant) for t, tenant in commits]
+    achieved = oracle_lags(commits, 1000, 2)
+    assert lag_floor(commits, 1000, 2) <= max(achieved)
+    assert lag_floor(commits, 1000, 2, exempt=1) <= percentile(achieved, 0.99)  # type: ignore[operator]
