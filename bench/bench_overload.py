@@ -43,7 +43,8 @@ the table seen); and the capacity bound: the FreshnessLag of the same commits un
 overhead (no window, no poll, Cube never idle, oldest mutation first) at the build rate Cube showed, and
 the floor no scheduler can beat, however clairvoyant (`lag_floor`: the builds the commits need within a
 lag X against what the slots can run).
-`--trace DIR` keeps each behaviour's raw record; `--from-trace DIR/*.json` prints that part again.
+`--trace DIR` keeps each behaviour's raw record, and the function's decisions per key (`NAME.outcomes.jsonl`:
+deferred, rescheduled, refreshed... with their times); `--from-trace DIR/*.json` prints that part again.
 
 A phase ends when every mutation is served, Cube's queue is empty and the refresh queue holds no
 message (two samples in a row), or `--max-tail-s` after the last arrival. `--cube-restart-s` restarts
@@ -703,6 +704,9 @@ class Bench:
         batch = min(10, event_sources(ROOT / "template.yaml").sqs_batch_size)
         argv = [sys.executable, str(ROOT / "bench" / "overload_driver.py"), "--out", str(out)]
         argv += ["--pumps", str(self.args.pumps), "--sqs-batch", str(batch), "--fault", fault]
+        if self.args.trace:
+            self.args.trace.mkdir(parents=True, exist_ok=True)
+            argv += ["--outcomes", str(self.args.trace.resolve() / f"{behaviour.name}.outcomes.jsonl")]
         log = (self.stack.logs / f"bench-overload-driver-{behaviour.name}.log").open("w")
         return subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT
