@@ -201,7 +201,13 @@ class Debouncer:
         for _ in range(self._attempts):
             now, token, res = self._claim(key, force=force)
             if res.ok:
-                return self._claimed(key, token, now, res.state, oldest_event_ms, force=force)
+                previous = res.state
+                # A leading claim over a scheduled trailing refresh covers that refresh's mutations too
+                # (which is then dropped as covered): its oldest is theirs, and so is its place in the
+                # budget's line (docs/load-aware.md, "Waiting, oldest first").
+                if previous is not None and previous.trailing_token and previous.pending_since is not None:
+                    oldest_event_ms = min(oldest_event_ms, previous.pending_since)
+                return self._claimed(key, token, now, previous, oldest_event_ms, force=force)
             state = res.state
             if state is None:  # deleted between our write and the read: claim again
                 continue
