@@ -338,7 +338,7 @@ def table(results: Sequence[dict[str, Any]], shape: Shape, per_tenant: float) ->
         return _span([r["counts"].get(key, 0.0) for r in rs], big)
 
     def minutes(x: float) -> str:
-        return f"not within the {shape.after_s / 60:g} min" if math.isinf(x) else f"{x:.0f} min"
+        return f"not by the load's end ({shape.after_s / 60:g} min)" if math.isinf(x) else f"{x:.0f} min"
 
     def t(rs: Sequence[dict[str, Any]], key: str) -> str:
         return _span([r["telemetry"].get(key, 0.0) for r in rs], big)
