@@ -14,6 +14,7 @@ tenant weight x (3600 / slice)."""
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
 import itertools
@@ -410,11 +411,6 @@ class SimCube:
 NEVER_MS = 9_999_999_999_999  # the done time of a dropped job (13 digits, as every token's)
 
 
-def done_at(token: str) -> int:
-    """A simulated job token starts with the epoch milliseconds its build is done (13 digits)."""
-    return int(token[:13])
-
-
 # --------------------------------------------------------------------------- the service
 
 
@@ -527,6 +523,33 @@ def sim_settings(sc: Scenario, *, budget: int | None = None) -> Settings:
 # --------------------------------------------------------------------------- coverage
 
 
+class BuildIndex:
+    """Partition builds Cube queued, per (tenant, cube, month), to find the one covering a mutation:
+    the first that started at or after it reached the function, and (of those) the earliest done."""
+
+    def __init__(self, builds: Sequence[tuple[str, str, int, float, float, float]]) -> None:
+        by_slot: dict[tuple[str, str, int], list[tuple[float, float, float]]] = defaultdict(list)
+        for tenant, cube, month, posted, start, done in builds:
+            if not math.isinf(start):  # dropped by Cube before it started: covers nothing
+                by_slot[(tenant, cube, month)].append((start, done, posted))
+        self.slots: dict[tuple[str, str, int], tuple[list[float], list[tuple[float, float]]]] = {}
+        for slot, items in by_slot.items():
+            items.sort()
+            best = [(posted, done) for _, done, posted in items]
+            for i in range(len(best) - 2, -1, -1):  # the earliest done from here on (and its post)
+                if best[i + 1][1] < best[i][1]:
+                    best[i] = best[i + 1]
+            self.slots[slot] = ([start for start, _, _ in items], best)
+
+    def covering(self, slot: tuple[str, str, int], received: float) -> tuple[float, float] | None:
+        """(posted, done) of the build covering a mutation of `slot` received at `received`."""
+        entry = self.slots.get(slot)
+        if entry is None:
+            return None
+        i = bisect.bisect_left(entry[0], received)
+        return entry[1][i] if i < len(entry[0]) else None
+
+
 @dataclass
 class Coverage:
     """Per (tenant, entity type, month) the records in arrival order; a refresh claimed at t covers the
@@ -538,6 +561,7 @@ class Coverage:
     rows: list[tuple[float, float, float, float]] = field(default_factory=list)
     # per key-batch and month: tenant, entity type, month, oldest record s, batch flush s, records
     arrivals: list[tuple[int, int, int, float, float, int]] = field(default_factory=list)
+    never: list[tuple[int, float, int]] | None = None  # set by from_builds: (tenant, oldest, records)
 
     def add(self, tenant: int, etype: int, month: int, oldest_s: float, n: float) -> None:
         self.entries.setdefault((tenant, etype, month), []).append((oldest_s, n))
@@ -562,7 +586,32 @@ class Coverage:
             i += 1
         self.ptr[slot] = i
 
+    def from_builds(
+        self,
+        builds: Sequence[tuple[str, str, int, float, float, float]],
+        slot_of: Callable[[int, int], tuple[str, str]],
+        weight_of: Mapping[int, float],
+        start: float,
+        end: float,
+    ) -> None:
+        """Coverage from Cube's side (what the code claims does not count): the records of a
+        key-batch's month are covered by the first build of that partition that started after the
+        batch reached the function, fresh when it is done; without one they are uncovered. Rows:
+        (oldest record, lag to the covering build's post, lag to its end, weight) inside [start, end)."""
+        index = BuildIndex(builds)
+        self.rows, self.never = [], []
+        for tenant, etype, month, oldest, flush, n in self.arrivals:
+            if not start <= oldest < end:
+                continue
+            found = index.covering((*slot_of(tenant, etype), month), flush)
+            if found is None:
+                self.never.append((tenant, oldest, n))
+            else:
+                self.rows.append((oldest, found[0] - oldest, found[1] - oldest, n * weight_of[tenant]))
+
     def uncovered(self, weight_of: Mapping[int, float], start: float, end: float) -> float:
+        if self.never is not None:
+            return sum(n * weight_of[t] for t, oldest, n in self.never if start <= oldest < end)
         total = 0.0
         for slot, entries in self.entries.items():
             for oldest, n in entries[self.ptr.get(slot, 0) :]:
@@ -631,11 +680,8 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
     settings = setup.settings or sim_settings(sc)
     layout = layout_of(sc)
     etypes = entity_names(sc)
-    cube_index = {c: i for i, c in enumerate(layout.cubes)}
-    month_of_label = {m.label: i for i, m in enumerate(layout.months())}
     hint_ms = [int(datetime.combine(m.start + timedelta(days=1), datetime.min.time(), UTC).timestamp() * 1000)
                for m in layout.months()]  # fmt: skip
-    tenant_of = {name(i): i for i in {kb.tenant for kb in batches}}
     clock = SimClock()
     events: list[Event] = []
     seq = itertools.count()
@@ -644,7 +690,8 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
     cube = SimCube(sc, layout, meter, setup.cube_rng, clock)
     if setup.queue is not None:
         cube.queue = setup.queue
-    cube.builds = setup.builds
+    builds = setup.builds if setup.builds is not None else []
+    cube.builds = builds
     tokens = itertools.count()
     ports = SimPorts(store, scheduler, SimBuildQueue(scheduler), cube, setup.telemetry or CountingTelemetry(), clock,
                      lambda: str(next(tokens)))  # fmt: skip
@@ -658,27 +705,6 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
         for month, count in months.items():
             coverage.add(kb.tenant, kb.etype, month, kb.oldest_s, count)
             coverage.arrivals.append((kb.tenant, kb.etype, month, kb.oldest_s, kb.flush_s, count))
-
-    def refreshed(outcome: object, t_ms: int) -> None:
-        for ko in outcome.keys:  # type: ignore[attr-defined]
-            if ko.status != "refreshed":
-                continue
-            key: RefreshKey = ko.key
-            tenant = tenant_of.get(key.tenant_id)
-            if tenant is None:
-                continue
-            etype = cube_index[key.cube]
-            if key.partition:
-                months = [month_of_label[key.partition]] if key.partition in month_of_label else []
-            elif "." in key.target and ".main" in key.target:
-                continue  # an unpartitioned rollup: coverage follows the partitioned ones
-            else:
-                months = list(range(layout.partitions)) if sc.partition_precise else [0]
-            claim_s = (t_ms - DAY0_MS) / 1000
-            finished = max((done_at(t) for t in ko.job_tokens), default=t_ms)
-            done_s = (finished - DAY0_MS) / 1000
-            for month in months:
-                coverage.cover((tenant, etype, month), claim_s, done_s, setup.weight_of[tenant], start, end)
 
     ended = False
 
@@ -702,7 +728,6 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
 
     def mutations(at: int, records: list[tuple[RecordRef, EntityMutation]]) -> None:
         outcome = svc.process_mutations(records, deadline_ms=at + 60_000)
-        refreshed(outcome, at)
         failed = [r for r in records if r[0] in outcome.failed]
         if failed:  # the event source retries the failed records (bisected) about a second later
             heapq.heappush(events, (at + MSK_RETRY_MS, next(seq), "msk", failed))
@@ -726,7 +751,6 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
                 meter.origin = origin
                 outcome = process(items, deadline_ms=at + 60_000)  # type: ignore[arg-type]
                 meter.origin = None
-                refreshed(outcome, at)
                 failed |= outcome.failed
         for ref, m in refs:
             if ref in failed:  # back after the visibility timeout
@@ -781,6 +805,7 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
         mutations(at, records)
     if not ended and setup.on_end is not None:
         setup.on_end(cube.queue)
+    coverage.from_builds(builds, lambda t, e: (name(t), layout.cubes[e]), setup.weight_of, start, end)
     return coverage
 
 

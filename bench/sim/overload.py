@@ -32,8 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from bisect import bisect_left
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -213,31 +211,18 @@ def freshness(
     the end of the first build of that partition that started at or after the batch reached the
     function (its flush); no such build: uncovered. Also the p99 of the mutations in the peak and
     after it, and how long after the peak's end the p99 per bin stays at or below `settled_s`."""
-    from bench.sim.engine import tenant_id  # noqa: PLC0415
+    from bench.sim.engine import BuildIndex, tenant_id  # noqa: PLC0415
 
-    by_slot: dict[tuple[str, str, int], list[tuple[float, float]]] = defaultdict(list)
-    for tenant, cube, month, _, start, done in builds:
-        if math.isinf(start):  # dropped by Cube before it started: covers nothing
-            continue
-        by_slot[(tenant, cube, month)].append((start, done))
-    index: dict[tuple[str, str, int], tuple[list[float], list[float]]] = {}
-    for slot, items in by_slot.items():
-        items.sort()
-        starts = [s for s, _ in items]
-        suffix = [d for _, d in items]
-        for i in range(len(suffix) - 2, -1, -1):
-            suffix[i] = min(suffix[i], suffix[i + 1])
-        index[slot] = (starts, suffix)
+    index = BuildIndex(builds)
     times, lags, weights = [], [], []
     uncovered = 0
     for tenant, etype, month, oldest, flush, n in arrivals:
-        entry = index.get((tenant_id(tenant), cubes[etype], month))
-        i = bisect_left(entry[0], flush) if entry else 0
-        if entry is None or i == len(entry[0]):
+        found = index.covering((tenant_id(tenant), cubes[etype], month), flush)
+        if found is None:
             uncovered += n
             continue
         times.append(oldest)
-        lags.append(entry[1][i] - oldest)
+        lags.append(found[1] - oldest)
         weights.append(n)
     lag = np.repeat(np.array(lags), np.array(weights, dtype=int)) if lags else np.zeros(0)
     t = np.repeat(np.array(times), np.array(weights, dtype=int)) if times else np.zeros(0)
