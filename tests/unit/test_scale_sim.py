@@ -408,3 +408,21 @@ def test_overload_runs_todays_code_from_its_commit_unmodified(tmp_path: Path) ->
     assert "budget_writes" not in results["today"]["counts"]  # no admission control in today's code
     assert results["new"]["counts"]["budget_writes"] > 0
     assert results["today"]["fresh"]["uncovered"] == results["new"]["fresh"]["uncovered"] == 0
+
+
+def test_play_slice_a_mutation_that_rides_along_with_a_queued_build_is_covered_by_it() -> None:
+    from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+
+    # 1 slot of 100 s with 300 s of other work queued: the key's build waits until 301 s
+    sc = Scenario(tenants=1, entity_types=1, window_s=5, cube_concurrency=1, build_s=100.0, preagg_partitions=1,
+                  build_budget=0)  # fmt: skip
+    queue = CubeQueue(1, 100.0, work=300.0)
+    telemetry = CountingTelemetry()
+    meter = Meter({"t000000": 1.0})
+    setup = SliceSetup(sc, meter, {0: 1.0}, 1.0, np.random.default_rng(0), queue=queue, telemetry=telemetry)
+    coverage = play_slice(setup, [KeyBatch(1.0, 0, 0, 0, 0.5, 1), KeyBatch(11.0, 0, 0, 0, 10.5, 1)], 0.0, 50.0, 0)
+    assert meter.counts["cube_posts"] == 1  # no second POST: the second mutation rode along
+    assert telemetry.counts["RideAlongs"] == 1
+    assert coverage.uncovered({0: 1.0}, 0.0, 50.0) == 0
+    rows = sorted(coverage.rows)
+    assert [round(r[0] + r[2]) for r in rows] == [400, 400]  # both fresh when the one build is done
