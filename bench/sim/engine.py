@@ -607,7 +607,10 @@ class Coverage:
             if found is None:
                 self.never.append((tenant, oldest, n))
             else:
-                self.rows.append((oldest, found[0] - oldest, found[1] - oldest, n * weight_of[tenant]))
+                # A build posted before the mutation (it rode along) would, with enough build slots,
+                # have started at once and not covered it: a refresh of its own then, at lag 0 or more.
+                post_lag = max(0.0, found[0] - oldest)
+                self.rows.append((oldest, post_lag, found[1] - oldest, n * weight_of[tenant]))
 
     def uncovered(self, weight_of: Mapping[int, float], start: float, end: float) -> float:
         if self.never is not None:
