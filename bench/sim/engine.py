@@ -92,6 +92,7 @@ class Meter:
     window: tuple[float, float] = (0.0, 0.0)  # the measured slice, seconds since DAY0
     measure_scale: float = 0.0
     origin: float | None = None  # set while a verify or retrigger message is processed
+    retriggering: bool = False  # set while a retrigger message is processed (its builds are not first builds)
 
     def add(self, name: str, tenant: str, n: float = 1.0, origin: float | None = None) -> None:
         origin = self.origin if origin is None else origin
@@ -368,7 +369,9 @@ class SimCube:
             done_s = self.queue.post(now_s, builds, weight, load=self.load)
             start_s = self.queue.last_start
             self.meter.add("partitions_built", tenant_id, builds)
-            if self.meter.origin is None:  # not a re-trigger of a build that failed or timed out
+            # Not a re-trigger of a build that failed or timed out (a trailing refresh the verifier fires
+            # when it settles a build, load-aware refresh's wake, is a first build).
+            if not self.meter.retriggering:
                 self.meter.add("first_builds", tenant_id, builds)
             if math.isinf(done_s):  # dropped before it started
                 self.meter.add("cube_dropped", tenant_id, builds)
@@ -752,8 +755,9 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
         ):
             if items:
                 meter.origin = origin
+                meter.retriggering = process == svc.process_retrigger
                 outcome = process(items, deadline_ms=at + 60_000)  # type: ignore[arg-type]
-                meter.origin = None
+                meter.origin, meter.retriggering = None, False
                 failed |= outcome.failed
         for ref, m in refs:
             if ref in failed:  # back after the visibility timeout
