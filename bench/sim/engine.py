@@ -496,6 +496,7 @@ class SliceSetup:
     queue: CubeQueue | None = None  # the build queue at the slice's start (default: an empty one)
     verify: bool = True
     on_end: Callable[[CubeQueue], None] | None = None  # the queue as the measured slice ends
+    layout: Layout | None = None  # what Cube holds (default: the scenario's, `layout_of`)
 
 
 def _months_touched(kb: KeyBatch, sc: Scenario, rng: random.Random) -> dict[int, int]:
@@ -515,7 +516,7 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
     sc, meter = setup.sc, setup.meter
     name = setup.tenant_name or tenant_id
     settings = setup.settings or sim_settings(sc)
-    layout = layout_of(sc)
+    layout = setup.layout or layout_of(sc)
     etypes = entity_names(sc)
     cube_index = {c: i for i, c in enumerate(layout.cubes)}
     month_of_label = {m.label: i for i, m in enumerate(layout.months())}
