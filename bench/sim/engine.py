@@ -493,10 +493,10 @@ class SliceSetup:
     cube_rng: np.random.Generator
     tenant_name: Callable[[int], str] | None = None  # default: tenant_id
     settings: Settings | None = None
+    layout: Layout | None = None  # what Cube holds (default: the scenario's, `layout_of`)
     queue: CubeQueue | None = None  # the build queue at the slice's start (default: an empty one)
     verify: bool = True
     on_end: Callable[[CubeQueue], None] | None = None  # the queue as the measured slice ends
-    layout: Layout | None = None  # what Cube holds (default: the scenario's, `layout_of`)
 
 
 def _months_touched(kb: KeyBatch, sc: Scenario, rng: random.Random) -> dict[int, int]:
