@@ -17,8 +17,10 @@ local stack (`python -m devstack.esm`), so that the local stack behaves like the
 
 Every setting comes from template.yaml (`devstack.template.event_sources`). The function runs in this
 process (`handler.app.handle` with the service `handler.wiring.build_service` builds, observed), with
-the stack's environment, one invocation at a time. Each invocation is logged as one human line and one
-JSON line in `.stack/logs/invocations.jsonl` (what the demo and `invoke --stack` read).
+the stack's environment, one invocation at a time per mapping: a Kafka batch and an SQS batch run side
+by side, as in two Lambda execution environments. Each invocation is logged as one human line and one
+JSON line in `.stack/logs/invocations.jsonl` (what the demo and `invoke --stack` read), with the calls
+it made (`calls`: DynamoDB writes, SQS sends, Cube jobs; `bench.sim.agreement --event-sources` adds them up).
 
 Local differences, on purpose: one poller, so a failing partition holds the others while it retries
 (Lambda's pollers work per partition); the retry pause is a fixed 0.25 s; the dead-letter record
