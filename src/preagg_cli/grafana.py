@@ -236,6 +236,35 @@ def panels(names: Names) -> list[_Panel]:
             "debounce window on purpose; an age well past it means they are not being consumed.",
             "s",
         ).aws("A", ("AWS/SQS", "ApproximateAgeOfOldestMessage"), {"QueueName": "$trailing_queue"}, "Maximum", "oldest"),
+        panel(
+            "Load: backlog age",
+            "The oldest mutation still waiting for a build (BacklogAge: for the build budget, or in a build Cube has "
+            "not finished; the backlog-age alarm compares its maximum with FreshnessObjectiveMs) and the oldest build "
+            "waiting in Cube's queue (QueuedBuildAge).",
+            "ms",
+        )
+        .own("A", "BacklogAge", "Maximum", "oldest waiting mutation (alarm)")
+        .own("B", "QueuedBuildAge", "Maximum", "oldest build waiting in Cube's queue"),
+        panel(
+            "Load: builds in flight vs budget",
+            "Jobs of ours in Cube (budget slots held, BuildsInFlight) against CUBE_PREAGG_BUILD_BUDGET (BuildBudget), "
+            "sampled at each admission.",
+            "short",
+        )
+        .own("A", "BuildsInFlight", "Maximum", "jobs in flight (budget slots held)")
+        .own("B", "BuildBudget", "Maximum", "budget"),
+        panel(
+            "Load: deferrals, ride-alongs, window",
+            "Keys deferred over budget (KeysDeferred), mutations covered by a build still queued in Cube (RideAlongs), "
+            "collisions with another build of the same table (BuildCollisions), waiters woken (Wakes), and the "
+            "adaptive window's p50 (EffectiveWindow, ms).",
+            "short",
+        )
+        .own("A", "KeysDeferred", "Sum", "keys deferred (over budget)")
+        .own("B", "RideAlongs", "Sum", "ride-alongs (covered by a queued build)")
+        .own("C", "BuildCollisions", "Sum", "build collisions")
+        .own("D", "Wakes", "Sum", "waiters woken")
+        .own("E", "EffectiveWindow", "p50", "effective window p50 (ms)"),
     ]
 
 

@@ -43,6 +43,9 @@ def test_grafana_dashboard_has_the_panels_the_issue_asks_for(board):
         "Builds by outcome",
         "Kafka offset lag",
         "Trailing queue age",
+        "Load: backlog age",
+        "Load: builds in flight vs budget",
+        "Load: deferrals, ride-alongs, window",
     }
     latency = panel(board, "Refresh latency p95")
     assert {t["statistic"] for t in latency["targets"]} == {"p95"}
@@ -138,4 +141,22 @@ def test_make_grafana_writes_the_json_model(tmp_path, capsys):
     assert grafana.main(["--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["uid"] == "preagg-refresh"
-    assert "8 panels, valid" in capsys.readouterr().out
+    assert "11 panels, valid" in capsys.readouterr().out
+
+
+def test_grafana_load_panels_show_the_same_metrics_as_the_cloudwatch_dashboard_load_row(board):
+    """Issue 16's load row (template.yaml's dashboard) has its Grafana counterpart, metric for metric."""
+    text = TEMPLATE.read_text()
+    load_row = {
+        "BacklogAge",
+        "QueuedBuildAge",
+        "BuildsInFlight",
+        "BuildBudget",
+        "KeysDeferred",
+        "RideAlongs",
+        "BuildCollisions",
+        "EffectiveWindow",
+    }
+    assert all(f'"{m}"' in text for m in load_row)
+    shown = {t.get("metricName") for p in board["panels"] if p["title"].startswith("Load:") for t in p["targets"]}
+    assert shown >= load_row
