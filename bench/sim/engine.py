@@ -659,6 +659,7 @@ class SliceSetup:
     cube_rng: np.random.Generator
     tenant_name: Callable[[int], str] | None = None  # default: tenant_id
     settings: Settings | None = None
+    layout: Layout | None = None  # what Cube holds (default: the scenario's, `layout_of`)
     queue: CubeQueue | None = None  # the build queue at the slice's start (default: an empty one)
     verify: bool = True
     on_end: Callable[[CubeQueue], None] | None = None  # the queue as the measured slice ends
@@ -684,7 +685,7 @@ def play_slice(setup: SliceSetup, batches: list[KeyBatch], start: float, end: fl
     sc, meter = setup.sc, setup.meter
     name = setup.tenant_name or tenant_id
     settings = setup.settings or sim_settings(sc)
-    layout = layout_of(sc)
+    layout = setup.layout or layout_of(sc)
     etypes = entity_names(sc)
     hint_ms = [int(datetime.combine(m.start + timedelta(days=1), datetime.min.time(), UTC).timestamp() * 1000)
                for m in layout.months()]  # fmt: skip
