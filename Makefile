@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONPATH := src:.
 EVENT ?= events/burst-3-tenants.json
 
-.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness bench-overload scale bench-sim \
+.PHONY: help venv lint typecheck template test test-unit test-integration invoke demo bench bench-freshness bench-overload scale scale-overload bench-sim \
         bench-cube-worker stack-start stack-stop stack-status clean deploy grafana
 
 help:
@@ -77,6 +77,9 @@ bench-overload: venv ## Cube's build queue saturated for minutes, behaviours sid
 
 scale: .venv/.bench-installed ## docs/scale.md's tables and plots by simulation (CONFIG=ours.yaml: your own numbers, into scale-out/)
 	$(PY) -m bench.sim.report $(if $(CONFIG),--config $(CONFIG))
+
+scale-overload: .venv/.bench-installed ## docs/scale.md's overload table and docs/scale-overload.png: today's code (8feeac0) vs the load-aware one at 1x/3x/10x Cube's capacity (~5 min)
+	$(PY) -m bench.sim.overload
 
 bench-sim: venv ## the simulation's smallest scenario against the real local stack, handler driven directly and through the local event sources (~3 min)
 	$(PY) -m bench.sim.agreement

@@ -17,8 +17,10 @@ local stack (`python -m devstack.esm`), so that the local stack behaves like the
 
 Every setting comes from template.yaml (`devstack.template.event_sources`). The function runs in this
 process (`handler.app.handle` with the service `handler.wiring.build_service` builds, observed), with
-the stack's environment, one invocation at a time. Each invocation is logged as one human line and one
-JSON line in `.stack/logs/invocations.jsonl` (what the demo and `invoke --stack` read).
+the stack's environment, one invocation at a time per mapping: a Kafka batch and an SQS batch run side
+by side, as in two Lambda execution environments. Each invocation is logged as one human line and one
+JSON line in `.stack/logs/invocations.jsonl` (what the demo and `invoke --stack` read), with the calls
+it made (`calls`: DynamoDB writes, SQS sends, Cube jobs; `bench.sim.agreement --event-sources` adds them up).
 
 Local differences, on purpose: one poller, so a failing partition holds the others while it retries
 (Lambda's pollers work per partition); the retry pause is a fixed 0.25 s; the dead-letter record
@@ -287,31 +289,68 @@ class SqsMapping:
 # ------------------------------------------------------------------------------ the process
 
 
+DYNAMODB_WRITES = ("UpdateItem", "PutItem", "DeleteItem")
+
+
+class CallCounter:
+    """Counts chosen API calls of boto3 clients (at `before-call`, once per call, retries aside), under
+    names, between two resets. Thread-safe: the service spreads keys over an I/O pool."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, client: Any, service: str, operations: Sequence[str], name: str) -> None:
+        for operation in operations:
+            client.meta.events.register(f"before-call.{service}.{operation}", lambda **_: self.add(name))
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts = {}
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class Function:
     """The function, in this process: `handler.app.handle` over an observed service, one call at a time.
     Returns the response; raises FunctionError for what Lambda would report as a function error."""
 
-    def __init__(self, environ: Mapping[str, str], journal: Path) -> None:
+    def __init__(self, environ: Mapping[str, str], journal: Path, journal_lock: threading.Lock | None = None) -> None:
         # The stack's values win over the inherited environment (which may point elsewhere); settings the
         # stack does not set (CUBE_PREAGG_DEBOUNCE_MS, ENTITY_CUBE_MAP, ...) are taken from it.
         os.environ.update(environ)
         os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
         os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "preagg-refresh")
+        from devstack.cubeapi import Spacer  # noqa: PLC0415
         from devstack.observe import build_observed_service  # noqa: PLC0415 - env first: settings read at import
         from handler import app  # noqa: PLC0415
         from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
 
         self._app = app
-        self.service = build_observed_service(app.SETTINGS, CountingTelemetry())
+        # No spacing of a tenant's rebuilds (the local helpers' guard against docs/cube-jobs-api.md, hazard c):
+        # the deployed function has none, and it waited up to 1.2 s inside an invocation. A key's next
+        # build waits for the last one to be verified (the in-flight gate); a collision is re-triggered.
+        self.service = build_observed_service(app.SETTINGS, CountingTelemetry(), Spacer(0.0))
         self.journal = journal
+        self._journal_lock = journal_lock or threading.Lock()
         self._lock = threading.Lock()
+        self.calls = CallCounter()
+        self.calls.watch(self.service.debouncer.store.client, "dynamodb", DYNAMODB_WRITES, "ddb_writes")  # type: ignore[attr-defined]
+        self.calls.watch(self.service.debouncer.scheduler.client, "sqs", ("SendMessage",), "sqs_sends")  # type: ignore[attr-defined]
 
     def __call__(self, event: Mapping[str, Any]) -> Mapping[str, Any]:
         source = "kafka" if event.get("eventSource") == "aws:kafka" else "sqs"
         records = sum(len(v) for v in event["records"].values()) if source == "kafka" else len(event.get("Records", []))
         with self._lock:
             began = time.monotonic()
+            self.calls.reset()
             notes, verifying = self._read(event, source)
             try:
                 response: Mapping[str, Any] = self._app.handle(event, service=self.service)
@@ -324,6 +363,9 @@ class Function:
                 for key in outcome.keys
             ]
             notes += [self._verified(target) for target in verifying]
+            # What the invocation asked of the services (the handler-driven agreement check counts the same
+            # at the boto3 clients): DynamoDB writes, SQS sends, and the jobs Cube queued.
+            calls = self.calls.snapshot() | {"cube_jobs": sum(len(c.tokens) for c in self.service.recorder.calls)}
             del self.service.outcomes[:]  # a long-lived process: keep nothing between invocations
             del self.service.recorder.calls[:]
             entry = {
@@ -342,8 +384,9 @@ class Function:
                 ]
                 if source == "kafka"
                 else [],
+                "calls": calls,
             }
-            with self.journal.open("a") as out:
+            with self._journal_lock, self.journal.open("a") as out:
                 out.write(json.dumps(entry) + "\n")
         decided = [
             f"{k['key']} {k['status']}"
@@ -429,6 +472,10 @@ def _run_kafka(
             # A member that died without leaving frees its partitions after 6 s, not the default 45 s.
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
+            # A broker answers a waiting fetch as soon as fetch.min.bytes (1) are there; librdkafka's mock
+            # cluster answers only when fetch.wait.max.ms (500 ms) is over, so records came 0-500 ms late
+            # (median 265 ms, measured) and batches split where MSK's would not. 25 ms: median 23 ms.
+            "fetch.wait.max.ms": 25,
         }
     )
     producer = Producer({"bootstrap.servers": bootstrap})
@@ -510,15 +557,19 @@ def main(argv: list[str]) -> int:
     # The function's settings: what `make stack-start` recorded (.stack/function.json), and only that.
     given = function_settings.recorded_environ(state)
     function_env = {k: v for k, v in environ.items() if k not in ("CUBE_API_SECRET", "PG_DSN")} | given
-    function = Function(function_env, state / "logs" / "invocations.jsonl")
+    # One function per mapping, as Lambda runs a Kafka batch and an SQS batch in two execution environments
+    # at once: an SQS message due while a Kafka batch is processed is not held until it ends.
+    journal, journal_lock = state / "logs" / "invocations.jsonl", threading.Lock()
+    sqs_function = Function(function_env, journal, journal_lock)
     stop, ready = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threads = [threading.Thread(target=_run_sqs, args=(settings, environ, function, stop), name="sqs", daemon=True)]
+    threads = [threading.Thread(target=_run_sqs, args=(settings, environ, sqs_function, stop), name="sqs", daemon=True)]
     if bootstrap:
+        kafka_function = Function(function_env, journal, journal_lock)
         threads.append(
             threading.Thread(
-                target=_run_kafka, args=(settings, bootstrap, function, stop, ready), name="kafka", daemon=True
+                target=_run_kafka, args=(settings, bootstrap, kafka_function, stop, ready), name="kafka", daemon=True
             )
         )
     else:

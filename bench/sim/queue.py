@@ -40,11 +40,17 @@ class CubeQueue:
     samples: list[tuple[float, float]] = field(default_factory=list)  # (t, wait s) at each post
     busy_s: float = 0.0  # slot-seconds served
     posted: float = 0.0  # slot-seconds posted (weighted), for the load of a stretch of time
+    # Cube drops a job still waiting this long after its post (None: never). FIFO, so whether a job is
+    # dropped is known when it is posted: its wait is the work ahead of it, and a dropped job adds none.
+    orphan_s: float | None = None
+    last_start: float = 0.0  # when the last posted job's first build starts
+    dropped: float = 0.0  # slot-seconds dropped (weighted)
 
     def copy(self) -> CubeQueue:
         return CubeQueue(
-            self.slots, self.build_s, self.t, self.work, deque(self._spread), self._rate, self._background, [], 0.0
-        )
+            self.slots, self.build_s, self.t, self.work, deque(self._spread), self._rate, self._background, [], 0.0,
+            orphan_s=self.orphan_s,
+        )  # fmt: skip
 
     def set_background(self, rate: float) -> None:
         """Work arriving steadily (slot-seconds per second) from load not simulated job by job."""
@@ -70,10 +76,15 @@ class CubeQueue:
 
     def post(self, t: float, builds: int, weight: float = 1.0, *, load: bool = True) -> float:
         """A job of `builds` partition builds posted at t; returns when its last build is done.
-        `load=False`: the job's done time is computed but it adds no work (warm-up)."""
+        `load=False`: the job's done time is computed but it adds no work (warm-up). A job that would
+        wait longer than `orphan_s` is dropped: it adds no work and is never done (math.inf)."""
         self.advance(max(t, self.t))
-        done = self.t + self.work / self.slots + math.ceil(builds / self.slots) * self.build_s
+        self.last_start = self.t + self.work / self.slots
+        done = self.last_start + math.ceil(builds / self.slots) * self.build_s
         self.samples.append((self.t, self.work / self.slots))
+        if self.orphan_s is not None and self.work / self.slots > self.orphan_s:
+            self.dropped += builds * self.build_s * weight if load else 0.0
+            return math.inf
         if load and builds:
             job = builds * self.build_s
             self.work += job

@@ -51,6 +51,8 @@ class Scenario:
     cube_concurrency: int = 10  # Cube's queue concurrency for the data source (10 for most warehouses)
     cube_fail_rate: float = 0.0  # share of job POSTs answered 5xx
     build_timeout_s: float = 1_800.0  # CUBE_PREAGG_BUILD_TIMEOUT_MS / 1000
+    max_window_s: float = 300.0  # CUBE_PREAGG_MAX_DEBOUNCE_MS / 1000 (the adaptive window's maximum)
+    build_budget: int | None = None  # CUBE_PREAGG_BUILD_BUDGET (None: 4 x cube_concurrency; 0: off)
     verify: bool = True  # the service verifies builds (BuildVerifier), as deployed
     worker_timer_s: float = 30.0  # Cube's scheduledRefreshTimer (its default)
     budget: int = 250_000  # key decisions the real code may make (time slices, tenant sample)
@@ -220,6 +222,27 @@ def slice_batches(
     lam = np.repeat(rates[plan.tenants] * factor / sc.entity_types, sc.entity_types)
     key_tenant = np.repeat(plan.tenants, sc.entity_types)
     key_etype = np.tile(np.arange(sc.entity_types), plan.tenants.size)
+    return (
+        key_batches(sc, lam, key_tenant, key_etype, gen0, duration, part_rates, tparts, rng),
+        float(start),
+        float(end),
+    )
+
+
+def key_batches(
+    sc: Scenario,
+    lam: np.ndarray,
+    key_tenant: np.ndarray,
+    key_etype: np.ndarray,
+    gen0: float,
+    duration: float,
+    part_rates: np.ndarray,
+    tparts: np.ndarray,
+    rng: np.random.Generator,
+) -> list[KeyBatch]:
+    """Poisson arrivals at `lam[i]` records/s on key i (tenant `key_tenant[i]`, entity type
+    `key_etype[i]`) over [gen0, gen0 + duration), each assigned to the batch of its partition that
+    closes after it; the key-batches sorted by flush time."""
     n = rng.poisson(lam * duration)
     key_of = np.repeat(np.arange(lam.size), n)
     times = gen0 + rng.random(key_of.size) * duration
@@ -238,11 +261,10 @@ def slice_batches(
     boundary[1:] = (f_s[1:] != f_s[:-1]) | (k_s[1:] != k_s[:-1]) | (p_s[1:] != p_s[:-1])
     firsts = np.flatnonzero(boundary)
     counts = np.diff(np.append(firsts, order.size))
-    out = [
+    return [
         KeyBatch(float(f_s[i]), int(p_s[i]), int(key_tenant[k_s[i]]), int(key_etype[k_s[i]]), float(t_s[i]), int(c))
         for i, c in zip(firsts, counts, strict=True)
     ]
-    return out, float(start), float(end)
 
 
 def msk_invocations(sc: Scenario, rates: np.ndarray) -> tuple[float, float]:

@@ -10,7 +10,15 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from devstack.esm import FunctionError, KafkaMapping, SqsMapping, dead_letter_value, msk_event
+from devstack.esm import (
+    DYNAMODB_WRITES,
+    CallCounter,
+    FunctionError,
+    KafkaMapping,
+    SqsMapping,
+    dead_letter_value,
+    msk_event,
+)
 from devstack.template import event_sources
 from preagg_cli import replay
 
@@ -186,3 +194,28 @@ def test_sqs_mapping_function_error_leaves_the_whole_batch(queue):
 
     sqs.send_message(QueueUrl=url, MessageBody="a")
     assert SqsMapping(sqs, url, crash, 10, "us-east-1").poll_once(wait_s=0) == (1, 1)
+
+
+def test_call_counter_counts_the_watched_calls_of_each_invocation(queue):
+    """The journal's `calls`: DynamoDB writes and SQS sends, counted at the clients between two resets."""
+    sqs, url, _ = queue
+    dynamodb = boto3.client("dynamodb", region_name="us-east-1")
+    dynamodb.create_table(
+        TableName="t",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    calls = CallCounter()
+    calls.watch(dynamodb, "dynamodb", DYNAMODB_WRITES, "ddb_writes")
+    calls.watch(sqs, "sqs", ("SendMessage",), "sqs_sends")
+    dynamodb.update_item(TableName="t", Key={"pk": {"S": "a"}}, UpdateExpression="SET n = :n",
+                         ExpressionAttributeValues={":n": {"N": "1"}})  # fmt: skip
+    dynamodb.delete_item(TableName="t", Key={"pk": {"S": "a"}})
+    dynamodb.get_item(TableName="t", Key={"pk": {"S": "a"}})  # a read: not counted
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    sqs.receive_message(QueueUrl=url)  # not a send
+    assert calls.snapshot() == {"ddb_writes": 2, "sqs_sends": 1}
+    calls.reset()
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    assert calls.snapshot() == {"sqs_sends": 1}

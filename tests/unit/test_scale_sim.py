@@ -100,8 +100,10 @@ def test_play_slice_verification_costs_writes_messages_and_polls() -> None:
         counts[verify] = dict(meter.counts)
     refreshes = counts[True]["cube_posts"]
     assert refreshes == counts[False]["cube_posts"] == len(batches)
-    # record_jobs (the in-flight gate up), record_build, and the gate's removal (docs/load-aware.md)
-    assert counts[True]["ddb_writes"] - counts[False]["ddb_writes"] == 3 * refreshes
+    # record_jobs (the in-flight gate up), record_build, and the gate's removal (docs/load-aware.md),
+    # besides the build budget's slot writes (admission control, counted apart)
+    writes = {v: c["ddb_writes"] - c["budget_writes"] for v, c in counts.items()}
+    assert writes[True] - writes[False] == 3 * refreshes
     assert counts[True]["sqs_sends"] - counts[False].get("sqs_sends", 0) == refreshes
     assert counts[True]["cube_gets"] == refreshes
     assert "cube_gets" not in counts[False]
@@ -319,3 +321,108 @@ def test_warehouse_per_second_pricing_keeps_a_busy_warehouse_on_all_day() -> Non
     assert prices["per_second"] == pytest.approx(24 * w.per_second_usd_per_hour * A.DAYS_PER_MONTH, rel=0.01)
     quiet = A.Design("y", busy_per_hour=[1.0] * 24, jobs_per_hour=[1.0] * 24)
     assert quiet.warehouse_monthly(w, 10)["per_second"] < prices["per_second"] / 4
+
+
+# --------------------------------------------------------------------------- load-aware refresh in the simulation
+
+
+def test_sim_cube_reports_scheduled_until_the_build_starts_then_processing_then_done() -> None:
+    from bench.sim.engine import DAY0_MS, SimClock, SimCube, layout_of  # noqa: PLC0415
+    from handler.domain.model import Selector  # noqa: PLC0415
+
+    sc = Scenario(tenants=1, entity_types=1, cube_concurrency=1, build_s=10.0, preagg_partitions=1)
+    meter = Meter({"t000000": 1.0})
+    clock = SimClock()
+    cube = SimCube(sc, layout_of(sc), meter, np.random.default_rng(0), clock)
+    cube.load = True
+    clock.ms = DAY0_MS
+    [first] = cube.trigger("t000000", [Selector({"cubes": ["Users"]}, ())], deadline_ms=0)
+    [second] = cube.trigger("t000000", [Selector({"cubes": ["Users"]}, ())], deadline_ms=0)  # behind the first
+    assert isinstance(first, list) and isinstance(second, list)
+
+    def status(at_s: float) -> tuple[str, str]:
+        clock.ms = DAY0_MS + int(at_s * 1000)
+        got = cube.job_statuses("t000000", [first[0], second[0]], deadline_ms=0)
+        return got[first[0]].status, got[second[0]].status
+
+    assert status(0.0) == ("processing", "scheduled")
+    assert status(9.9) == ("processing", "scheduled")
+    assert status(10.0) == ("done", "processing")
+    assert status(20.0) == ("done", "done")
+
+
+def test_cube_queue_drops_a_job_that_would_wait_past_the_orphan_timeout() -> None:
+    queue = CubeQueue(1, 10.0, orphan_s=25.0)
+    assert queue.post(0.0, 2) == pytest.approx(20.0)  # waits 0 s
+    assert queue.post(0.0, 1) == pytest.approx(30.0)  # waits 20 s
+    assert queue.post(0.0, 1) == math.inf  # would wait 30 s: dropped, adds no work
+    assert queue.post(1.0, 1) == math.inf  # would wait 29 s: dropped too
+    assert queue.post(6.0, 1) == pytest.approx(40.0)  # waits 24 s: queued behind the first two only
+
+
+def test_play_slice_admission_keeps_at_most_the_budget_of_jobs_in_cubes_queue() -> None:
+    # 1 slot of 20 s, 30 keys mutated within a second (partition-precise: one job a key); budget 3
+    from bench.sim.overload import queue_depth  # noqa: PLC0415
+
+    sc = Scenario(tenants=10, entity_types=3, window_s=5, cube_concurrency=1, build_s=20.0, partition_precise=True,
+                  preagg_partitions=1, build_budget=3)  # fmt: skip
+    batches = [KeyBatch(1.0 + t / 10, 0, t, e, 0.5 + t / 10, 1) for t in range(10) for e in range(3)]
+    depth = {}
+    for budget in (3, 0):
+        meter = Meter({f"t{i:06d}": 1.0 for i in range(10)})
+        builds: list[tuple[str, str, int, float, float, float]] = []
+        setup = SliceSetup(sc.with_(build_budget=budget), meter, dict.fromkeys(range(10), 1.0), 1.0,
+                           np.random.default_rng(0), builds=builds)  # fmt: skip
+        coverage = play_slice(setup, batches, 0.0, 2_000.0, 0)
+        depth[budget] = max(queue_depth(builds))
+        assert coverage.uncovered(dict.fromkeys(range(10), 1.0), 0.0, 2_000.0) == 0
+        assert meter.counts["partitions_built"] == 30  # every key built once, budget or not
+    assert depth[3] == 3  # admission control: never more than the budget in Cube's queue
+    assert depth[0] == 30  # without it every job is queued at once
+
+
+def test_overload_freshness_counts_only_builds_that_started_after_the_mutation_reached_the_function() -> None:
+    from bench.sim.overload import freshness  # noqa: PLC0415
+
+    arrivals = [(0, 0, 0, 10.0, 11.0, 2), (0, 0, 1, 30.0, 31.0, 1)]
+    builds = [
+        ("t000000", "Users", 0, 5.0, 10.5, 12.0),  # started before the batch reached the function
+        ("t000000", "Users", 0, 11.0, math.inf, 3_611.0),  # dropped by Cube: covers nothing
+        ("t000000", "Users", 0, 11.0, 20.0, 25.0),
+        ("t000000", "Users", 0, 12.0, 22.0, 40.0),
+    ]
+    fresh = freshness(arrivals, builds, ["Users"])
+    assert fresh["uncovered"] == 1  # month 1 was never built
+    assert fresh["p50"] == fresh["max"] == pytest.approx(15.0)  # 25 - 10, for both records
+
+
+def test_overload_runs_todays_code_from_its_commit_unmodified(tmp_path: Path) -> None:
+    from bench.sim.overload import Case, Shape, code_trees, run_in_process  # noqa: PLC0415
+
+    trees = code_trees(tmp_path)
+    assert not (trees["today"] / "handler" / "domain" / "admission.py").exists()  # before issue 16
+    shape = Shape(before_s=60.0, peak_s=240.0, after_s=60.0)
+    results = {code: run_in_process(Case(code, 3.0, 1, 4, 1, shape), trees[code]) for code in ("today", "new")}
+    assert results["today"]["handler"] == str(trees["today"] / "handler")
+    assert results["today"]["mutations"] == results["new"]["mutations"] > 0  # the same schedule
+    assert "budget_writes" not in results["today"]["counts"]  # no admission control in today's code
+    assert results["new"]["counts"]["budget_writes"] > 0
+    assert results["today"]["fresh"]["uncovered"] == results["new"]["fresh"]["uncovered"] == 0
+
+
+def test_play_slice_a_mutation_that_rides_along_with_a_queued_build_is_covered_by_it() -> None:
+    from handler.adapters.memory import CountingTelemetry  # noqa: PLC0415
+
+    # 1 slot of 100 s with 300 s of other work queued: the key's build waits until 301 s
+    sc = Scenario(tenants=1, entity_types=1, window_s=5, cube_concurrency=1, build_s=100.0, preagg_partitions=1,
+                  build_budget=0)  # fmt: skip
+    queue = CubeQueue(1, 100.0, work=300.0)
+    telemetry = CountingTelemetry()
+    meter = Meter({"t000000": 1.0})
+    setup = SliceSetup(sc, meter, {0: 1.0}, 1.0, np.random.default_rng(0), queue=queue, telemetry=telemetry)
+    coverage = play_slice(setup, [KeyBatch(1.0, 0, 0, 0, 0.5, 1), KeyBatch(11.0, 0, 0, 0, 10.5, 1)], 0.0, 50.0, 0)
+    assert meter.counts["cube_posts"] == 1  # no second POST: the second mutation rode along
+    assert telemetry.counts["RideAlongs"] == 1
+    assert coverage.uncovered({0: 1.0}, 0.0, 50.0) == 0
+    rows = sorted(coverage.rows)
+    assert [round(r[0] + r[2]) for r in rows] == [400, 400]  # both fresh when the one build is done
