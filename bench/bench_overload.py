@@ -36,6 +36,16 @@ What is measured, from outside the function (ground truth), per behaviour:
   key sent after the mutation;
 - re-triggers and failures: the function's own counts (telemetry) and the re-trigger messages delivered.
 
+Where the lag goes, per behaviour (printed below the table): each served mutation's FreshnessLag cut at
+the build that served it: before its POST (window, gate, budget), in Cube's queue, building (PostgreSQL's
+`CREATE TABLE`, listed every `--build-watch-s`), until seen; the function's poll lag (told `done` minus
+the table seen); and the capacity bound: the FreshnessLag of the same commits under a scheduler with no
+overhead (no window, no poll, Cube never idle, oldest mutation first) at the build rate Cube showed, and
+the floor no scheduler can beat, however clairvoyant (`lag_floor`: the builds the commits need within a
+lag X against what the slots can run).
+`--trace DIR` keeps each behaviour's raw record, and the function's decisions per key (`NAME.outcomes.jsonl`:
+deferred, rescheduled, refreshed... with their times); `--from-trace DIR/*.json` prints that part again.
+
 A phase ends when every mutation is served, Cube's queue is empty and the refresh queue holds no
 message (two samples in a row), or `--max-tail-s` after the last arrival. `--cube-restart-s` restarts
 the bench Cube mid-run (its queued builds and job tokens are lost); `BENCH_FAULT` (see
@@ -189,6 +199,7 @@ class SeenTable:
     partition: str  # "20261201" for a partition, "" for users_main
     seen_ms: int
     count: int  # sum(users__count): the tenant's rows the table holds
+    name: str = ""  # schema.table
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,8 @@ class CubeProxy:
         self.lock = threading.Lock()
         self.posts: list[tuple[int, str, int, int]] = []  # (ms, tenant, http status, job tokens)
         self.gets: list[tuple[int, int]] = []  # (ms, tokens asked)
+        self.tokens: dict[str, tuple[int, str]] = {}  # job token -> (POST answered ms, tenant)
+        self.jobs: dict[str, dict[str, Any]] = {}  # job token -> table, first ms seen per status
         self.other = 0
         proxy = self
 
@@ -340,10 +353,28 @@ class CubeProxy:
                 contexts = (data.get("selector") or {}).get("contexts") or [{}]
                 tenant = str((contexts[0].get("securityContext") or {}).get("tenantId", "?"))
                 self.posts.append((ms, tenant, status, len(tokens) if isinstance(tokens, list) else 0))
+                for token in tokens if isinstance(tokens, list) else []:
+                    self.tokens.setdefault(str(token), (ms, tenant))
             elif action == "get":
                 self.gets.append((ms, len(data.get("tokens") or [])))
+                self.record_jobs(ms, payload if status == 200 else b"{}")
             else:
                 self.other += 1
+
+    def record_jobs(self, ms: int, payload: bytes) -> None:
+        """The first time the function was told each status of each job (its poll lag), and the job's table."""
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(answer, dict):
+            return
+        for token, job in answer.items():
+            if not isinstance(job, dict):
+                continue
+            entry = self.jobs.setdefault(str(token), {"table": "", "seen": {}})
+            entry["table"] = entry["table"] or str(job.get("table") or "")
+            entry["seen"].setdefault(str(job.get("status", ""))[:40], ms)
 
     def start(self) -> None:
         self.thread.start()
@@ -351,6 +382,42 @@ class CubeProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class BuildWatcher:
+    """The builds PostgreSQL runs (`CREATE TABLE` in pg_stat_activity), every `interval_s`: per table, when
+    its statement started (`query_start`, PostgreSQL's clock, the same machine's) and when it was last seen
+    running. A build shorter than the interval may be missed; its start is then unknown."""
+
+    def __init__(self, stack: Any, interval_s: float) -> None:
+        self.stack = stack
+        self.interval_s = interval_s
+        self.builds: dict[str, list[int]] = {}  # schema.table -> [started ms, last seen running ms]
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def tick(self) -> None:
+        rows = self.stack.psql(
+            "SELECT (extract(epoch FROM query_start) * 1000)::bigint, "
+            "substring(query from '(?i)create\\s+table\\s+([^\\s(]+)') FROM pg_stat_activity "
+            "WHERE state = 'active' AND query ~* '^[[:space:]]*create[[:space:]]+table'"
+        )
+        ms = now_ms()
+        for started, table in rows:
+            if started is None or not table:
+                continue
+            name = table.replace('"', "")
+            self.builds.setdefault(name, [int(started), ms])[1] = ms
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                self.tick()
+            except Exception:
+                self.errors += 1
+            self.stop.wait(max(0.0, self.interval_s - (time.monotonic() - began)))
 
 
 @dataclass
@@ -462,7 +529,7 @@ class Observer:
                     continue
                 rollup = "users_main" if table.preagg == "users_main" else table.preagg
                 tenant = TENANT_PREFIX + s.removeprefix(SCHEMA_PREFIX)
-                self.seen.append(SeenTable(tenant, rollup, table.partition, seen_ms, counts[f"{s}.{t}"]))
+                self.seen.append(SeenTable(tenant, rollup, table.partition, seen_ms, counts[f"{s}.{t}"], f"{s}.{t}"))
 
     def baseline(self) -> None:
         """Tables that exist already are not new."""
@@ -637,6 +704,9 @@ class Bench:
         batch = min(10, event_sources(ROOT / "template.yaml").sqs_batch_size)
         argv = [sys.executable, str(ROOT / "bench" / "overload_driver.py"), "--out", str(out)]
         argv += ["--pumps", str(self.args.pumps), "--sqs-batch", str(batch), "--fault", fault]
+        if self.args.trace:
+            self.args.trace.mkdir(parents=True, exist_ok=True)
+            argv += ["--outcomes", str(self.args.trace.resolve() / f"{behaviour.name}.outcomes.jsonl")]
         log = (self.stack.logs / f"bench-overload-driver-{behaviour.name}.log").open("w")
         return subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT
@@ -734,6 +804,9 @@ class Phase:
     sampler_errors: int = 0
     cube_restarts: list[int] = field(default_factory=list)  # ms after the first arrival
     coverage: Coverage | None = None
+    tokens: dict[str, tuple[int, str]] = field(default_factory=dict)  # job token -> (POST ms, tenant)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # job token -> table, first ms per status
+    builds: dict[str, list[int]] = field(default_factory=dict)  # schema.table -> [started, last seen running]
 
 
 def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Phase:
@@ -750,6 +823,7 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
         observer = Observer(bench.stack, args.observe_s)
         observer.baseline()
         sampler = Sampler(bench.stack, cube.url, cube.system_token, bench.aws("sqs"), queue, args.sample_s)
+        watcher = BuildWatcher(bench.stack, args.build_watch_s)
         driver = bench.driver(behaviour, code, proxy.url, queue, dlq, out)
         restart = threading.Timer(args.cube_restart_s or 0, cube.restart)
         try:
@@ -764,6 +838,7 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
                 raise RuntimeError(f"the driver imported {phase.handler_file}, not the code under test in {code}")
             observer.thread.start()
             sampler.thread.start()
+            watcher.thread.start()
             counts = defaultdict(int, {t: SEED_USERS for t in bench.tenants})
             mutations = [Mutation(a.tenant, f"{ROW_PREFIX}{behaviour.name}-{i:05d}") for i, a in enumerate(arrivals)]
             phase.began_ms = now_ms()
@@ -800,7 +875,8 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
                 driver.wait()
             sampler.stop.set()
             observer.stop.set()
-            for thread in (sampler.thread, observer.thread):
+            watcher.stop.set()
+            for thread in (sampler.thread, observer.thread, watcher.thread):
                 if thread.is_alive():
                     thread.join(timeout=30)
             proxy.stop()
@@ -813,6 +889,7 @@ def run_phase(bench: Bench, behaviour: Behaviour, arrivals: list[Arrival]) -> Ph
     phase.samples = list(sampler.samples)
     phase.sampler_errors = sum(sampler.errors.values())
     phase.posts, phase.gets = list(proxy.posts), list(proxy.gets)
+    phase.tokens, phase.jobs, phase.builds = dict(proxy.tokens), dict(proxy.jobs), dict(watcher.builds)
     phase.letters = bench.dead_letters(dlq)
     phase.coverage = coverage(mutations, phase.seen, phase.letters, bench.month)
     phase.load = (phase.load[0], os.getloadavg()[0])
@@ -963,7 +1040,7 @@ def _emitted(values: Sequence[float]) -> str:
     return f"{len(ordered)}, {ordered[len(ordered) // 2] / 1000:.1f} / {ordered[-1] / 1000:.1f}"
 
 
-def report(phases: Sequence[Phase], args: argparse.Namespace, tenants: int, arrivals: int) -> None:
+def report(phases: Sequence[Phase], args: argparse.Namespace, tenants: int, arrivals: int, month: str) -> None:
     print(
         f"\n{arrivals} User mutations of {tenants} tenants over {args.arrival_s:.0f} s (seed {args.seed}); "
         f"Cube build concurrency {args.cube_concurrency}, {args.build_sleep_s:g} s per rollup build (+ Cube's own "
@@ -991,6 +1068,265 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, tenants: int, arri
         if p.coverage and p.coverage.uncovered:
             by_tenant = Counter(m.tenant for m in p.coverage.uncovered)
             print(f"{name}: uncovered by tenant {dict(by_tenant.most_common(10))}")
+    for p in phases:
+        for line in where_lag_goes(p, month, args.cube_concurrency):
+            print(line)
+
+
+# ----------------------------------------------------------------------------- where the lag goes
+
+
+@dataclass(frozen=True)
+class LagParts:
+    """One served mutation's FreshnessLag cut at the build that served it (the later of its two rollups):
+    before that build's POST (window, gate, budget), in Cube's queue, building, until the observer saw
+    the table. A mutation that rode along (the POST before its commit) has `before_post` 0."""
+
+    lag_ms: int
+    before_post_ms: int
+    queued_ms: int
+    build_ms: int
+    observed_ms: int
+    rode_along: bool
+    poll_lag_ms: int | None  # the function told `done` minus the table seen (None: not polled done)
+
+
+def _enqueued_ms(name: str) -> int | None:
+    from devstack.cubeapi import RollupTable  # noqa: PLC0415
+
+    table = RollupTable.parse(name.split(".", 1)[-1])
+    return None if table is None else table.built_at_s * 1000
+
+
+def lag_parts(p: Phase, month: str) -> list[LagParts]:
+    """Per served mutation, where its lag went. The covering build is the first table of each rollup seen
+    holding the row; its POST is the job whose answer named that table, else the tenant's last accepted
+    POST in the table's second (Cube names a table after the second its job was queued); its start and
+    end are PostgreSQL's `CREATE TABLE` (BuildWatcher), else the table's first sighting."""
+    by_table_token = {job["table"]: token for token, job in p.jobs.items() if job.get("table")}
+    posts_by_tenant: dict[str, list[int]] = defaultdict(list)
+    for ms, tenant, status, tokens in p.posts:
+        if status == 200 and tokens:
+            posts_by_tenant[tenant].append(ms)
+    by_tenant: dict[str, list[SeenTable]] = defaultdict(list)
+    for table in p.seen:
+        by_tenant[table.tenant].append(table)
+    out = []
+    for m in p.mutations:
+        firsts: dict[str, SeenTable] = {}
+        for t in by_tenant[m.tenant]:
+            if t.count < m.count_after or (t.rollup == "users_daily_status_counts" and t.partition != month):
+                continue
+            if t.rollup not in firsts or t.seen_ms < firsts[t.rollup].seen_ms:
+                firsts[t.rollup] = t
+        if set(firsts) != set(ROLLUPS):
+            continue
+        table = max(firsts.values(), key=lambda t: t.seen_ms)
+        token = by_table_token.get(table.name) or by_table_token.get(table.name.split(".", 1)[-1])
+        enqueued = _enqueued_ms(table.name)
+        if token and token in p.tokens:
+            post = p.tokens[token][0]
+        else:
+            candidates = [ms for ms in posts_by_tenant[m.tenant] if enqueued is None or ms // 1000 <= enqueued // 1000]
+            post = max(candidates, default=enqueued or m.committed_ms)
+        build = p.builds.get(table.name)
+        start, end = (build[0], build[1]) if build else (table.seen_ms, table.seen_ms)
+        start = max(start, post)  # clocks: PostgreSQL's query_start and ours, same machine
+        ready = max(post, m.committed_ms)
+        done_told = (p.jobs.get(token or "", {}).get("seen") or {}).get("done")
+        out.append(
+            LagParts(
+                lag_ms=table.seen_ms - m.committed_ms,
+                before_post_ms=ready - m.committed_ms,
+                queued_ms=max(0, start - ready),
+                build_ms=max(0, min(end, table.seen_ms) - max(start, ready)),
+                observed_ms=max(0, table.seen_ms - max(end, start, ready)),
+                rode_along=post < m.committed_ms,
+                poll_lag_ms=None if done_told is None else done_told - table.seen_ms,
+            )
+        )
+    return out
+
+
+def oracle_lags(
+    commits: Sequence[tuple[int, str]], build_ms: float, concurrency: int, rollups: int = len(ROLLUPS)
+) -> list[int]:
+    """The capacity bound: FreshnessLag per mutation under a scheduler with no overhead at all: no window,
+    no poll, no budget, Cube never idle while a mutation waits; each free build slot takes the rollup (of
+    a tenant) with the oldest mutation not yet in a started build (oldest first: it minimizes the worst
+    wait), never two builds of one rollup at once; a build takes `build_ms` and covers every mutation
+    committed before it starts. `commits`: (ms, tenant). A mutation is served when every rollup was."""
+    import heapq  # noqa: PLC0415
+
+    order = sorted(range(len(commits)), key=lambda i: commits[i][0])
+    pending: dict[tuple[str, int], list[int]] = defaultdict(list)  # (tenant, rollup) -> waiting mutations
+    served = [0] * len(commits)
+    busy: set[tuple[str, int]] = set()
+    slots = [(float(commits[order[0]][0]) if order else 0.0, k) for k in range(concurrency)]
+    heapq.heapify(slots)
+    running: list[tuple[float, tuple[str, int], list[int]]] = []
+    nxt = 0
+    while nxt < len(order) or any(pending.values()) or running:
+        free_at, slot = heapq.heappop(slots)
+        while running and running[0][0] <= free_at:  # builds that ended: their rollup is free again
+            end, key, covered = heapq.heappop(running)
+            busy.discard(key)
+            for i in covered:
+                served[i] = max(served[i], int(end))
+        while nxt < len(order) and commits[order[nxt]][0] <= free_at:
+            i = order[nxt]
+            for r in range(rollups):
+                pending[(commits[i][1], r)].append(i)
+            nxt += 1
+        ready = [(commits[v[0]][0], k) for k, v in pending.items() if v and k not in busy]
+        if not ready:  # wait for the next commit or the next build end
+            nexts = [float(commits[order[nxt]][0])] if nxt < len(order) else []
+            nexts += [running[0][0]] if running else []
+            if not nexts:
+                break
+            heapq.heappush(slots, (max(free_at, min(nexts)), slot))
+            continue
+        _, key = min(ready)
+        covered, pending[key] = pending[key], []
+        busy.add(key)
+        heapq.heappush(running, (free_at + build_ms, key, covered))
+        heapq.heappush(slots, (free_at + build_ms, slot))
+    return [served[i] - commits[i][0] for i in range(len(commits))]
+
+
+def lag_floor(
+    commits: Sequence[tuple[int, str]], build_ms: float, concurrency: int, exempt: int = 0, rollups: int = len(ROLLUPS)
+) -> int:
+    """A lower bound no scheduler beats, however clairvoyant: the smallest lag X (to 250 ms) such that all
+    but `exempt` mutations can be served within X. Serving a mutation committed at t within X needs a build
+    of each rollup of its tenant starting in [t, t + X - build]; for the mutations committed in [s, u], the
+    fewest such builds is a greedy cover per tenant, and all of them run in [s, u + X] on `concurrency`
+    slots. X is infeasible if, for some s <= u, those builds exceed what the slots can run by more than
+    `rollups * exempt` (leaving a mutation out saves at most one build per rollup)."""
+    times = sorted(commits)
+    if not times:
+        return 0
+
+    def feasible(x: float) -> bool:
+        width = x - build_ms
+        for i, (start, _) in enumerate(times):
+            if i and times[i - 1][0] == start:
+                continue
+            cover_end: dict[str, float] = {}
+            need = 0
+            for t, tenant in times[i:]:
+                if t > cover_end.get(tenant, -1.0):
+                    need += 1
+                    cover_end[tenant] = t + width
+                if rollups * need - concurrency * (t + x - start) / build_ms > rollups * exempt:
+                    return False
+        return True
+
+    low, high = build_ms, build_ms + 4 * (times[-1][0] - times[0][0]) + 60_000.0
+    while high - low > 250:
+        mid = (low + high) / 2
+        low, high = (low, mid) if feasible(mid) else (mid, high)
+    return int(high)
+
+
+def where_lag_goes(p: Phase, month: str, concurrency: int) -> list[str]:
+    """Lines: the lag cut in parts (all served mutations, and the worst 1 %), Cube's use, the bound."""
+    parts = lag_parts(p, month)
+    if not parts:
+        return [f"{p.behaviour.name}: no served mutation to decompose"]
+    parts.sort(key=lambda x: x.lag_ms)
+
+    def mean(rows: Sequence[LagParts], attr: str) -> str:
+        return f"{sum(getattr(r, attr) for r in rows) / len(rows) / 1000:.1f}"
+
+    worst = parts[max(0, math.ceil(0.99 * len(parts)) - 1) :]
+    name = p.behaviour.name
+    lines = []
+    for label, rows in (("all served", parts), (f"worst 1 % ({len(worst)})", worst)):
+        lines.append(
+            f"{name}: lag parts, mean s, {label}: lag {mean(rows, 'lag_ms')} = before the POST "
+            f"{mean(rows, 'before_post_ms')} + in Cube's queue {mean(rows, 'queued_ms')} + building "
+            f"{mean(rows, 'build_ms')} + until seen {mean(rows, 'observed_ms')}; rode along "
+            f"{sum(r.rode_along for r in rows)}"
+        )
+    polls = sorted(r.poll_lag_ms for r in parts if r.poll_lag_ms is not None)
+    if polls:
+        lines.append(
+            f"{name}: the function told `done` after the table was seen (its poll lag), p50 / p90 / max s: "
+            + " / ".join(f"{polls[min(len(polls) - 1, int(q * len(polls)))] / 1000:.1f}" for q in (0.5, 0.9, 1.0))
+        )
+    durations = sorted(b[1] - b[0] for b in p.builds.values())
+    watched = [b for b in p.builds.values()]
+    if durations and watched:
+        first, last = min(b[0] for b in watched), max(b[1] for b in watched)
+        busy = sum(b[1] - b[0] for b in watched)
+        lines.append(
+            f"{name}: builds PostgreSQL ran: {len(watched)} watched of {len(p.seen)} tables; build p50 "
+            f"{durations[len(durations) // 2] / 1000:.2f} s; slots busy {busy / 1000:.0f} of "
+            f"{concurrency * (last - first) / 1000:.0f} slot-s between the first build and the last "
+            f"({busy / max(1, concurrency * (last - first)):.0%}; a build runs from its start to when it was last seen)"
+        )
+    rate = throughput(p)
+    if rate > 0:
+        build_ms = concurrency / rate * 1000
+        commits = [(m.committed_ms, m.tenant) for m in p.mutations]
+        bound = oracle_lags(commits, build_ms, concurrency)
+        exempt = len(commits) - math.ceil(0.99 * len(commits))
+        lines.append(
+            f"{name}: capacity bound (no-overhead oldest-first scheduler, {build_ms / 1000:.2f} s per build = "
+            f"{concurrency} slots / {rate:.2f} tables/s measured, this phase's commits): FreshnessLag p50 / p99 "
+            f"/ max s {lag_cells(bound)}; no scheduler at all can do p99 under "
+            f"{lag_floor(commits, build_ms, concurrency, exempt) / 1000:.1f} s or max under "
+            f"{lag_floor(commits, build_ms, concurrency) / 1000:.1f} s"
+        )
+    return lines
+
+
+def write_trace(p: Phase, directory: Path, month: str) -> Path:
+    """Everything one behaviour's figures come from, as JSON, for a later look."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{p.behaviour.name}.json"
+    assert p.coverage is not None
+    record = {
+        "behaviour": {"name": p.behaviour.name, "code": p.behaviour.code, "env": dict(p.behaviour.env)},
+        "month": month,
+        "began_ms": p.began_ms,
+        "arrivals_end_ms": p.arrivals_end_ms,
+        "end_ms": p.end_ms,
+        "mutations": [
+            {"tenant": m.tenant, "committed_ms": m.committed_ms, "count_after": m.count_after, "lag_ms": lag}
+            for m, lag in zip(p.mutations, p.coverage.lags_ms, strict=True)
+        ],
+        "seen": [t.__dict__ for t in p.seen],
+        "posts": p.posts,
+        "gets": p.gets,
+        "tokens": p.tokens,
+        "jobs": p.jobs,
+        "builds": p.builds,
+        "samples": [s.__dict__ for s in p.samples],
+        "letters": [d.__dict__ for d in p.letters],
+        "driver": p.driver,
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def read_trace(path: Path) -> tuple[Phase, str]:
+    """A behaviour written by `write_trace`, back as a Phase (its figures' inputs) and its month."""
+    record = json.loads(path.read_text())
+    b = record["behaviour"]
+    p = Phase(Behaviour(b["name"], b["code"], tuple(b["env"].items())))
+    p.began_ms, p.arrivals_end_ms, p.end_ms = record["began_ms"], record["arrivals_end_ms"], record["end_ms"]
+    p.mutations = [Mutation(m["tenant"], "", m["committed_ms"], m["count_after"]) for m in record["mutations"]]
+    p.seen = [SeenTable(**t) for t in record["seen"]]
+    p.posts = [tuple(x) for x in record["posts"]]  # type: ignore[misc]
+    p.gets = [tuple(x) for x in record["gets"]]  # type: ignore[misc]
+    p.tokens = {k: (v[0], v[1]) for k, v in record["tokens"].items()}
+    p.jobs, p.builds, p.driver = record["jobs"], record["builds"], record["driver"]
+    p.samples = [Sample(**x) for x in record["samples"]]
+    p.letters = [DeadLetter(d["tenant"], tuple(d["targets"]), d["sent_ms"], d["kind"]) for d in record["letters"]]
+    p.coverage = coverage(p.mutations, p.seen, p.letters, record["month"])
+    return p, record["month"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -1021,11 +1357,27 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--pumps", type=int, default=4, help="SQS pollers (concurrent SQS invocations)")
     parser.add_argument(
+        "--build-watch-s", type=float, default=0.4, help="how often PostgreSQL's running builds are listed"
+    )
+    parser.add_argument("--trace", type=Path, help="write each behaviour's raw record to this directory (JSON)")
+    parser.add_argument(
         "--cube-restart-s",
         type=float,
         help="restart Cube this many seconds after the first arrival: its queued builds and job tokens are lost",
     )
+    parser.add_argument(
+        "--from-trace",
+        type=Path,
+        nargs="+",
+        help="no run: print where the lag went and the capacity bound from traces written by --trace",
+    )
     args = parser.parse_args()
+    if args.from_trace:
+        for path in args.from_trace:
+            phase, month = read_trace(path)
+            for line in where_lag_goes(phase, month, args.cube_concurrency):
+                print(line)
+        return
     behaviours: list[Behaviour] = args.behaviour or [Behaviour("today", "src")]
     if len({b.name for b in behaviours}) != len(behaviours):
         sys.exit("bench_overload: behaviour names must differ")
@@ -1052,7 +1404,9 @@ def main() -> None:
         for behaviour in behaviours:
             print(f"behaviour {behaviour.name} ({behaviour.code}) ...", flush=True)
             phases.append(run_phase(bench, behaviour, arrivals))
-        report(phases, args, len(tenants), len(arrivals))
+            if args.trace:
+                print(f"trace: {write_trace(phases[-1], args.trace, bench.month)}", flush=True)
+        report(phases, args, len(tenants), len(arrivals), bench.month)
     finally:
         bench.clean_data()
         bench.remove_resources()

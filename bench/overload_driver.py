@@ -89,7 +89,7 @@ def sqs_event(messages: list[dict[str, Any]], queue_url: str, region: str) -> di
 
 
 class Driver:
-    def __init__(self, pumps: int, sqs_batch: int, faults: list[str]) -> None:
+    def __init__(self, pumps: int, sqs_batch: int, faults: list[str], outcomes: Path | None = None) -> None:
         import boto3  # noqa: PLC0415
 
         # The code under test, from PYTHONPATH (checked by the parent through `handler_file`).
@@ -115,6 +115,33 @@ class Driver:
         self.errors: Counter[str] = Counter()
         self.batch_failures = 0
         self._apply_faults()
+        self.outcomes = outcomes.open("w") if outcomes else None
+        if self.outcomes:
+            for service in [self.msk_service, *self.pump_services]:
+                self._record_outcomes(service)
+
+    def _record_outcomes(self, service: Any) -> None:
+        """Each decision the service reports per key (`Outcome.keys`: refreshed, debounced, deferred,
+        rescheduled, skipped, failed, with its detail), one JSON line with the time and the entry point;
+        a wake's decisions appear under `process_trailing` and again in the call that woke them."""
+        for name in ("process_mutations", "process_trailing", "process_verify", "process_retrigger"):
+            method = getattr(service, name, None)
+            if method is None:
+                continue
+
+            def wrapped(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+                outcome = _method(*args, **kwargs)
+                ms = now_ms()
+                lines = [
+                    json.dumps({"ms": ms, "call": _name, "key": k.key.pk, "status": k.status, "detail": k.detail})
+                    for k in getattr(outcome, "keys", [])
+                ]
+                if lines and self.outcomes:
+                    with self.lock:
+                        self.outcomes.write("\n".join(lines) + "\n")
+                return outcome
+
+            setattr(service, name, wrapped)
 
     def _service(self) -> Any:
         from handler.wiring import build_service  # noqa: PLC0415
@@ -273,8 +300,9 @@ def main() -> None:
     parser.add_argument("--pumps", type=int, default=4)
     parser.add_argument("--sqs-batch", type=int, default=10)
     parser.add_argument("--fault", default="")
+    parser.add_argument("--outcomes", type=Path, help="write the function's decisions per key here (JSON lines)")
     args = parser.parse_args()
-    driver = Driver(args.pumps, args.sqs_batch, [f for f in args.fault.split(",") if f])
+    driver = Driver(args.pumps, args.sqs_batch, [f for f in args.fault.split(",") if f], args.outcomes)
     threads = [threading.Thread(target=driver.pump, args=(s,), daemon=True) for s in driver.pump_services]
     for thread in threads:
         thread.start()
@@ -287,6 +315,8 @@ def main() -> None:
     driver.stop.set()
     for thread in threads:
         thread.join(timeout=30)
+    if driver.outcomes:
+        driver.outcomes.close()
     args.out.write_text(json.dumps(driver.results()))
 
 

@@ -9,6 +9,7 @@ import pytest
 from bench.bench_overload import (
     Behaviour,
     DeadLetter,
+    LagParts,
     Mutation,
     Phase,
     Sample,
@@ -16,6 +17,9 @@ from bench.bench_overload import (
     coverage,
     due_batches,
     lag_cells,
+    lag_floor,
+    lag_parts,
+    oracle_lags,
     percentile,
     queue_counts,
     schedule,
@@ -154,3 +158,76 @@ def test_throughput_counts_only_the_time_cubes_queue_held_a_job() -> None:
     phase.samples.append(Sample(60_000, 0, 0, 0, 0, 0))  # idle for a minute: not counted
     phase.seen = [_t("users_main", 1_000, 4)] * 8
     assert throughput(phase) == pytest.approx(2.0)  # 8 tables over 4 busy seconds
+
+
+def test_oracle_lags_one_slot_builds_rollups_one_after_another_oldest_first() -> None:
+    # Two tenants committed at 0, one slot, 1 s builds, 2 rollups each: a's two builds, then b's.
+    assert oracle_lags([(0, "a"), (0, "b")], 1000, 1) == [2000, 4000]
+
+
+def test_oracle_lags_a_build_covers_only_mutations_committed_before_it_starts() -> None:
+    # The second mutation of `a` arrives while a's builds run: it needs the next ones.
+    assert oracle_lags([(0, "a"), (500, "a")], 1000, 2) == [1000, 1500]
+
+
+def test_oracle_lags_idle_cube_waits_for_the_next_commit() -> None:
+    assert oracle_lags([(0, "a"), (10_000, "b")], 1000, 2) == [1000, 1000]
+
+
+def _table(rollup: str, seen: int, count: int, built_s: int) -> SeenTable:
+    partition = MONTH if rollup == "users_daily_status_counts" else ""
+    name = f"pre_aggregations_bench_ovl_000.{rollup}{partition}_abc_def_{_base32(built_s)}"
+    return SeenTable("bench-ovl-000", rollup, partition, seen, count, name)
+
+
+def _base32(value: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuv"
+    out = ""
+    while value:
+        value, r = divmod(value, 32)
+        out = digits[r] + out
+    return out or "0"
+
+
+def _posted_at_10s(committed: int, tables: list[SeenTable], jobs: dict[str, dict[str, object]]) -> Phase:
+    """One mutation of bench-ovl-000, one POST of its two jobs at 10 s (tokens t1, t2)."""
+    phase = Phase(Behaviour("new", "src"))
+    phase.mutations = [_m(committed=committed)]
+    phase.seen = tables
+    phase.posts = [(10_000, "bench-ovl-000", 200, 2)]
+    phase.tokens = {"t1": (10_000, "bench-ovl-000"), "t2": (10_000, "bench-ovl-000")}
+    phase.jobs = jobs
+    return phase
+
+
+def test_lag_parts_cut_at_the_covering_build() -> None:
+    main, part = _table("users_main", 20_000, 4, 10), _table("users_daily_status_counts", 21_000, 4, 10)
+    phase = _posted_at_10s(9_000, [main, part], {"t1": {"table": main.name, "seen": {"done": 22_000}}})
+    phase.jobs["t2"] = {"table": part.name, "seen": {}}
+    phase.builds = {main.name: [18_000, 19_500], part.name: [19_000, 20_600]}
+    (parts,) = lag_parts(phase, MONTH)
+    # The partition's table was seen last: commit 9 s, POST 10 s, started 19 s, ran until 20.6 s, seen 21 s.
+    assert parts == LagParts(12_000, 1_000, 9_000, 1_600, 400, rode_along=False, poll_lag_ms=None)
+
+
+def test_lag_parts_a_mutation_after_the_post_rode_along() -> None:
+    main, part = _table("users_main", 20_000, 4, 10), _table("users_daily_status_counts", 20_000, 4, 10)
+    phase = _posted_at_10s(12_000, [main, part], {"t1": {"table": main.name, "seen": {"done": 23_000}}})
+    phase.builds = {main.name: [18_000, 19_500], part.name: [18_000, 19_500]}
+    (parts,) = lag_parts(phase, MONTH)
+    assert parts.rode_along and parts.before_post_ms == 0 and parts.queued_ms == 6_000
+    assert parts.lag_ms == 8_000 and parts.poll_lag_ms == 3_000
+
+
+def test_lag_floor_counts_the_builds_every_mutation_needs_against_the_slots():
+    assert 2_000 <= lag_floor([(0, "a")], 1000, 1) <= 2_250  # two rollups, one after the other
+    assert 4_000 <= lag_floor([(0, "a"), (0, "b")], 1000, 1) <= 4_250
+    assert 2_000 <= lag_floor([(0, "a"), (0, "b")], 1000, 1, exempt=1) <= 2_250  # one tenant left out
+
+
+def test_lag_floor_is_never_above_what_the_oldest_first_scheduler_achieves():
+    commits = [(a.offset_s * 1000, a.tenant) for a in schedule(tenant_names(8), 120, 30.0, 3)]
+    commits = [(int(t), tenant) for t, tenant in commits]
+    achieved = oracle_lags(commits, 1000, 2)
+    assert lag_floor(commits, 1000, 2) <= max(achieved)
+    assert lag_floor(commits, 1000, 2, exempt=1) <= percentile(achieved, 0.99)  # type: ignore[operator]

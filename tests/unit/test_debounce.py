@@ -36,6 +36,23 @@ def test_debounce_after_window_claims_again():
     assert isinstance(rig.debouncer.decide(KEY, rig.clock.now), Claim)
 
 
+def test_debounce_leading_claim_over_a_scheduled_trailing_refresh_covers_its_oldest_mutation():
+    # The trailing refresh's message is late (waiting for build budget, say) when a new mutation claims
+    # the key: that refresh covers the trailing one's mutations too, so it is as old as they are (its
+    # place in the budget's line, its staleness and its window).
+    rig = Rig()
+    rig.debouncer.decide(KEY, rig.clock.now)
+    rig.clock.advance(5_000)
+    pending = rig.clock.now
+    rig.debouncer.decide(KEY, pending)
+    rig.clock.advance(40_000)
+
+    claim = rig.debouncer.decide(KEY, rig.clock.now)
+
+    assert isinstance(claim, Claim) and not claim.trailing
+    assert claim.oldest_event_ms == pending
+
+
 def test_debounce_trailing_fires_at_window_end_and_finishes():
     rig = Rig()
     rig.debouncer.decide(KEY, rig.clock.now)

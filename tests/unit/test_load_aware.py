@@ -4,10 +4,14 @@ riding along with a queued build, waking what a settled build held back, the sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from handler.adapters.memory import RecordingCube
 from handler.domain.admission import LEASE_MS, Admission, Request
 from handler.domain.decode import decode_msk_event
-from handler.domain.model import RecordRef, RefreshKey
-from handler.domain.ports import KeyState, TrailingMessage, Waiting
+from handler.domain.errors import CubeError
+from handler.domain.model import RecordRef, RefreshKey, Selector
+from handler.domain.ports import CubeAnswer, KeyState, TrailingMessage, Waiting
 from handler.domain.service import Outcome
 from handler.domain.verify import VerifyMessage
 from handler.domain.window import Windows
@@ -247,6 +251,29 @@ def test_budget_weight_is_the_keys_last_job_count_and_a_big_key_is_not_overtaken
 
     assert list(first.leases) == [small] and len(first.leases[small].slots) == 2
     assert decision.leases == {} and decision.deferred == [big, RefreshKey("t3", "Tiny")]
+
+
+class _TwoJobsCube(RecordingCube):
+    """Two jobs per target, as a whole `Users` refresh on the local stack (`main` and one partition)."""
+
+    def trigger(self, tenant_id: str, selectors: Sequence[Selector], *, deadline_ms: int) -> list[CubeAnswer]:
+        answers = super().trigger(tenant_id, selectors, deadline_ms=deadline_ms)
+        return [a if isinstance(a, CubeError) else [*a, *(f"{t}-part" for t in a)] for a in answers]
+
+
+def test_budget_a_keys_first_refresh_weighs_the_jobs_its_targets_last_refresh_queued():
+    rig = Rig(verify=True, window_ms=W, budget=4, cube=_TwoJobsCube())
+    rig.jobs.default = "scheduled"
+    mutate(rig, "tenant-1")  # nothing known yet: weighed 1 (1 slot), Cube queued 2
+    rig.clock.advance(1_000)
+    mutate(rig, "tenant-2")  # never refreshed: weighed as Users' last refresh, 2 (3 slots)
+    rig.clock.advance(1_000)
+    mutate(rig, "tenant-3")  # 2 more do not fit (weighed 1, as before, it was posted: 6 jobs in Cube)
+
+    assert [posts(rig, t) for t in ("tenant-1", "tenant-2", "tenant-3")] == [1, 1, 0]
+    assert state(rig, RefreshKey("tenant-3", "Users")).waiting_since is not None
+    held = [s for s in rig.store.budget_slots("global", 4) if not s.free(rig.clock.now)]
+    assert len(held) == 3, "the instance's first refresh of a target is still weighed 1"
 
 
 def test_budget_zero_means_no_admission_control():

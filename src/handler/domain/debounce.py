@@ -73,7 +73,7 @@ class Claim:
     trailing_token: str | None = None
     previous_window_ends_at: int | None = None
     window_ms: int | None = None  # the window this claim opened (the key's effective window)
-    expected_jobs: int = 1  # the jobs its refresh is expected to queue (its last refresh's count)
+    expected_jobs: int = 1  # the jobs its refresh is expected to queue (its last refresh's, else its target's)
     force: bool = False
 
     @property
@@ -125,6 +125,16 @@ class Debouncer:
         self.windows = windows or Windows(window_ms)
         self._new_token = new_token
         self._attempts = attempts
+        # Jobs the last refresh of each target (whole or partition keys) queued, as this instance saw:
+        # the expected size of a key's first refresh, which has no job count of its own on record.
+        self._jobs_of_target: dict[tuple[str, bool], int] = {}
+
+    def note_jobs(self, key: RefreshKey, jobs: int) -> None:
+        """Cube queued `jobs` for a refresh of `key`: keys of its target with no refresh on record are
+        expected to queue as many (admission weighs a refresh by its expected jobs; counting a first
+        refresh as one job let the jobs in Cube pass the budget)."""
+        if jobs > 0:
+            self._jobs_of_target[(key.target, bool(key.partition))] = jobs
 
     def _expires_at(self, now: int, key: RefreshKey) -> int:
         return (now + 2 * self.windows.range_for(key).max_ms) // 1000 + KEY_IDLE_TTL_S
@@ -169,7 +179,10 @@ class Debouncer:
         *,
         force: bool = False,
     ) -> Claim:
-        jobs = len(previous.job_tokens) if previous is not None and previous.job_tokens else 1
+        if previous is not None and previous.job_tokens:
+            jobs = len(previous.job_tokens)
+        else:
+            jobs = self._jobs_of_target.get((key.target, bool(key.partition)), 1)
         return Claim(
             key,
             token,
@@ -188,7 +201,13 @@ class Debouncer:
         for _ in range(self._attempts):
             now, token, res = self._claim(key, force=force)
             if res.ok:
-                return self._claimed(key, token, now, res.state, oldest_event_ms, force=force)
+                previous = res.state
+                # A leading claim over a scheduled trailing refresh covers that refresh's mutations too
+                # (which is then dropped as covered): its oldest is theirs, and so is its place in the
+                # budget's line (docs/load-aware.md, "Waiting, oldest first").
+                if previous is not None and previous.trailing_token and previous.pending_since is not None:
+                    oldest_event_ms = min(oldest_event_ms, previous.pending_since)
+                return self._claimed(key, token, now, previous, oldest_event_ms, force=force)
             state = res.state
             if state is None:  # deleted between our write and the read: claim again
                 continue

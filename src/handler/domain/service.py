@@ -596,6 +596,7 @@ class RefreshService:
                 outcome.keys.append(KeyOutcome(claim.key, "failed", "the build verification could not be scheduled"))
                 continue
             refreshed.append(claim)
+            self.debouncer.note_jobs(claim.key, len(tokens[claim.key]))
             self.telemetry.count("RefreshesTriggered")
             if claim.window_ms is not None:
                 self.telemetry.timing("EffectiveWindow", claim.window_ms)
