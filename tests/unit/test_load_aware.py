@@ -298,6 +298,22 @@ def test_budget_deferred_trailing_refresh_comes_back_and_is_admitted_when_budget
     assert state(rig, RefreshKey("tenant-2", "Users")).waiting_since is None
 
 
+def test_budget_a_waiting_key_claimed_again_and_deferred_again_keeps_its_place_in_the_line():
+    rig = Rig(verify=True, window_ms=W, budget=1)
+    rig.jobs.default = "scheduled"
+    mutate(rig, "tenant-1")  # holds the budget
+    rig.clock.advance(1_000)
+    waiting_since = rig.clock.now
+    mutate(rig, "tenant-2")  # deferred: waiting since its mutation
+    rig.clock.advance(2_000)
+
+    outcome = mutate(rig, "tenant-2")  # a leading claim (nothing in Cube for it), deferred again
+
+    assert [k.status for k in outcome.keys] == ["deferred"]
+    key = RefreshKey("tenant-2", "Users")
+    assert (state(rig, key).waiting_since, state(rig, key).pending_since) == (waiting_since, waiting_since)
+
+
 # --------------------------------------------------------------------------- the adaptive window
 
 
@@ -432,3 +448,37 @@ def test_stats_show_the_effective_window_the_build_in_cube_and_the_wait_for_budg
     assert row["effectiveWindowMs"] == 4 * W
     assert row["windowEndsAt"].startswith("2026-11-29T12:00:40")  # T0 + the effective window, 40 s
     assert row["buildInCubeUntil"] and row["waitingForBudgetSince"]
+
+
+def _verified_oldest(rig: Rig) -> list[int]:
+    return [t.oldest_ms for _, m in rig.build_queue.messages if isinstance(m, VerifyMessage) for t in m.targets]
+
+
+def test_window_a_leading_claim_covers_what_was_pending_so_the_trailing_refresh_after_it_is_not_as_old():
+    # The trailing message of a window is late (SQS, a busy function) when a mutation after the window
+    # makes a leading claim: that refresh covers the pending mutations. The trailing refresh the next
+    # mutations join covers only them: as old as they are, not as the ones already covered, so its
+    # build, started at once at its window's end while Cube keeps up, does not double the window.
+    rig = Rig(verify=True, window_ms=W, max_window_ms=8 * W)
+    assert mutate(rig).by_status("refreshed")
+    poll(rig)
+    rig.clock.advance(1_000)
+    assert mutate(rig).by_status("debounced")  # pending since T0 + 1 s, trailing due at T0 + W
+    rig.clock.advance(W + 1_000)  # the window is over, its trailing message not delivered yet
+    leading_at = rig.clock.now
+    assert mutate(rig).by_status("refreshed")
+    assert _verified_oldest(rig) == [T0 + 1_000]  # it covers the pending mutation (h16r, 920dcd3)
+    poll(rig)
+    rig.clock.advance(2_000)
+    joined_at = rig.clock.now
+    assert mutate(rig).by_status("debounced")
+    rig.clock.advance(3_000)
+    assert mutate(rig).by_status("debounced")
+    fire(rig)  # the late message: put off to the leading claim's window end
+    rig.clock.now = leading_at + W
+    fire(rig)
+    assert posts(rig) == 3
+    assert _verified_oldest(rig) == [joined_at]
+    poll(rig)
+    assert state(rig).window_ms == W
+    assert rig.telemetry.timings["FreshnessLag"][-1] == leading_at + W - joined_at

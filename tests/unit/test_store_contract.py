@@ -109,6 +109,26 @@ def test_store_schedule_then_join_then_trailing_claim(store):
     assert store.get(KEY).trailing_token == "t2"
 
 
+def test_store_a_leading_claim_stops_counting_what_it_covers_as_pending_and_a_release_gives_it_back(store):
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 10, oldest_event_ms=T0 + 5, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert claim(store, T0 + W, token="c2").ok  # the leading claim covers the mutation pending since T0 + 5
+    state = store.get(KEY)
+    assert state.pending_since is None and (state.trailing_token, state.dirty_at) == ("t1", T0 + 10)
+    # a mutation after the claim: pending since its own time, not the covered one's
+    assert store.join_trailing(KEY, now=T0 + W + 1, oldest_event_ms=T0 + W + 1, trailing_token="t1", expires_at=1).ok
+    assert store.get(KEY).pending_since == T0 + W + 1
+    # the claim is given back (Cube refused it, or no budget): the mutations it covered are pending again
+    assert store.release(KEY, claim_token="c2", previous_started_at=T0, previous_pending_since=T0 + 5)
+    state = store.get(KEY)
+    assert (state.started_at, state.pending_since, state.dirty_at) == (T0, T0 + 5, T0 + W + 1)
+    # a trailing claim leaves pendingSince: its refresh reports it as its oldest
+    assert claim(store, T0 + W + 2, token="c3", trailing_token="t1").ok
+    assert store.get(KEY).pending_since == T0 + 5
+
+
 def test_store_drop_trailing_only_if_no_mutation_joined_since_it_was_read(store):
     claim(store, T0)
     store.schedule_trailing(

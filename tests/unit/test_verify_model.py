@@ -39,6 +39,10 @@ Checks per schedule:
     crashes, one per crash so far (a crashed invocation's lease lapses while its build may run);
 (f) no duplicate builds: no POST of a key while a job of that key is in Cube, except after the
     verifier gave up on it, or after a crash (its gate lapses).
+(g) in schedules without crashes, the oldest mutation a refresh reports (its FreshnessLag, and the
+    start lag that widens the adaptive window) is one that no earlier refresh of the key covered: no
+    refresh of the key the verifier saw done started after it and before this one. (A crashed
+    invocation's mutations come back and count as pending again, though a build may have read them.)
 """
 
 from __future__ import annotations
@@ -155,6 +159,9 @@ class World:
     counted_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
     crashes_by_cause: dict[tuple[RefreshKey, int], int] = field(default_factory=lambda: defaultdict(int))
     keep: list[Any] = field(default_factory=list)  # messages whose id() keys retrigger_origin
+    # (g): each refresh's first verify message (key, start, oldest it reports); the starts seen done
+    reported: dict[tuple[RefreshKey, int], int] = field(default_factory=dict)
+    done_starts: dict[RefreshKey, list[int]] = field(default_factory=lambda: defaultdict(list))
 
     def now_ms(self) -> int:
         return self.now
@@ -286,6 +293,7 @@ class SimStore(InMemoryDebounceStore):
         ok = super().record_build(key, record)
         if ok and record.status == "done":
             self.world.lags.append(record.freshness_lag_ms or 0)
+            self.world.done_starts[key].append(record.started_at)
         if ok and record.status in {"failed", "dead_lettered"} and record.failure_class != "collision":
             cause = self.world.post_cause.get((key, record.started_at))
             if cause is not None:
@@ -347,6 +355,9 @@ class SimQueue:
                 for key, _ in message.refresh_keys()
                 if key in self.world.verifying
             }
+        if isinstance(message, VerifyMessage) and message.poll == 0:
+            for target in message.targets:
+                self.world.reported.setdefault((target.key, target.started_at), target.oldest_ms)
         self._deliver(message, due_at, now)
         if isinstance(message, RetriggerMessage):  # its attempt: consecutive failures of its keys
             self.world.max_retriggers_in_a_row = max(self.world.max_retriggers_in_a_row, message.attempt)
@@ -466,6 +477,14 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
             )
     violations += [f"(e) {v}" for v in world.over_budget]
     violations += [f"(f) {v}" for v in world.duplicate_builds]
+    if spec.crash_rate == 0:
+        for (key, start), oldest in world.reported.items():
+            covered_by = [s for s in world.done_starts[key] if oldest < s < start]
+            if covered_by:
+                violations.append(
+                    f"(g) {key.pk}: the refresh at {start} reports {oldest} as its oldest mutation, which the "
+                    f"refresh at {covered_by[0]} covered"
+                )
     return Verdict(violations, not world.events, world, telemetry)
 
 
@@ -575,6 +594,10 @@ SATURATED = [
 # mistake in riding along shows.
 RIDERS = [Spec(seed, 6, {}, (), 0.0, 0.0, 0.0, concurrency=3, slow_rate=1.0, burst_ms=15_000) for seed in range(1, 41)]
 
+# Busy keys, quick builds, no budget: mutations often arrive after a window's end but before its trailing
+# message (SQS delivers it late), so a leading claim covers what the trailing refresh had pending.
+BUSY = [Spec(seed, 40, {}, (), 0.0, 0.0, 0.0, concurrency=2, burst_ms=60_000) for seed in range(1, 21)]
+
 
 def _violations(specs_: Sequence[Spec]) -> list[str]:
     return [v for spec in specs_ for v in simulate(spec).violations]
@@ -588,7 +611,7 @@ def _caught(specs_: Sequence[Spec], check: str, name: str) -> int:
 
 
 def test_verify_model_saturated_schedules_hold_and_exercise_riding_along_and_waiting():
-    verdicts = [simulate(spec) for spec in [*SATURATED, *(replace(s, budget=0) for s in SATURATED), *RIDERS]]
+    verdicts = [simulate(spec) for spec in [*SATURATED, *(replace(s, budget=0) for s in SATURATED), *RIDERS, *BUSY]]
     assert all(v.drained and not v.violations for v in verdicts), [v.violations[:3] for v in verdicts]
     assert sum(v.telemetry.counts.get("RideAlongs", 0) for v in verdicts) > 0
     assert sum(v.telemetry.counts.get("KeysDeferred", 0) for v in verdicts) > 0
@@ -699,6 +722,22 @@ def test_verify_model_checker_catches_a_deferral_that_loses_the_trailing_refresh
 
     monkeypatch.setattr(Debouncer, "defer", forget)
     assert _caught(SATURATED, "(a)", "a deferral that loses the trailing refresh") > 0
+
+
+def test_verify_model_checker_catches_a_leading_claim_that_leaves_what_it_covered_pending(monkeypatch) -> None:
+    """A leading claim that keeps the key's pendingSince (the code before it removed it): the trailing
+    refresh after it reports a mutation the leading refresh covered as its oldest (the stale start lag
+    that doubled the window of busy keys in the 100,000-tenant simulation)."""
+    real_claim = InMemoryDebounceStore.claim
+
+    def keeps_pending(self: InMemoryDebounceStore, key: RefreshKey, **kw: Any) -> Any:
+        result = real_claim(self, key, **kw)
+        if result.ok and kw.get("trailing_token") is None and result.state is not None:
+            self.items[key] = replace(self.items[key], pending_since=result.state.pending_since)
+        return result
+
+    monkeypatch.setattr(InMemoryDebounceStore, "claim", keeps_pending)
+    assert _caught(BUSY, "(g)", "a leading claim that leaves what it covered pending") > 0
 
 
 def test_verify_model_checker_catches_a_duplicate_retrigger_that_builds_again() -> None:

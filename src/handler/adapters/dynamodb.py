@@ -151,6 +151,7 @@ class DynamoDBDebounceStore:
             " AND (attribute_not_exists(inflightUntil) OR inflightUntil <= :now)"
         )
         if trailing_token is None:
+            update += " REMOVE pendingSince"  # it covers every pending mutation (docs/load-aware.md)
             condition = None
             if not force:
                 condition = window
@@ -200,11 +201,15 @@ class DynamoDBDebounceStore:
         claim_token: str,
         previous_started_at: int | None,
         previous_window_ends_at: int | None = None,
+        previous_pending_since: int | None = None,
     ) -> bool:
         values: dict[str, Any] = {":claim": _s(claim_token)}
         sets: list[str] = []
         removes = ["claimToken"]
         self._restore(sets, removes, values, previous_started_at, previous_window_ends_at)
+        if previous_pending_since is not None:
+            sets.append("pendingSince = :prevPending")
+            values[":prevPending"] = _n(previous_pending_since)
         return self._update(key, self._expression(sets, removes), "claimToken = :claim", values).ok
 
     def requeue_trailing(

@@ -83,6 +83,8 @@ class InMemoryDebounceStore:
             )
             if trailing_token is not None:
                 new = replace(new, trailing_token=trailing_token, trailing_state="running")
+            else:  # it covers every pending mutation: they no longer count as pending
+                new = replace(new, pending_since=None)
             self.items[key] = new
             return WriteResult(True, old)
 
@@ -93,15 +95,17 @@ class InMemoryDebounceStore:
         claim_token: str,
         previous_started_at: int | None,
         previous_window_ends_at: int | None = None,
+        previous_pending_since: int | None = None,
     ) -> bool:
         with self._lock:
             self.writes += 1
             st = self.items.get(key)
             if st is None or st.claim_token != claim_token:
                 return False
-            self.items[key] = replace(
-                st, started_at=previous_started_at, window_ends_at=previous_window_ends_at, claim_token=None
-            )
+            st = replace(st, started_at=previous_started_at, window_ends_at=previous_window_ends_at, claim_token=None)
+            if previous_pending_since is not None:
+                st = replace(st, pending_since=previous_pending_since)
+            self.items[key] = st
             return True
 
     def requeue_trailing(

@@ -16,6 +16,10 @@ window's end; the trailing refresh claims through the same condition. Crash safe
 - a trailing refresh dropped as covered is dropped only if no mutation joined it meanwhile;
 - a mutation that replaces a running trailing refresh marks the key dirty no earlier than that
   refresh's claim: the claim may die before Cube is called, and the replacement must still run.
+- a leading claim covers every pending mutation, so it removes the key's `pendingSince` (the next
+  mutation starts it afresh: a trailing refresh reports as its oldest a mutation it covers, not one
+  the leading refresh covered) and its release restores it; coverage itself is `dirtyAt` against
+  `startedAt`, never `pendingSince`.
 
 Under load (docs/load-aware.md): the window is the key's own (`windowMs`, adaptive, see
 handler.domain.window); no claim passes while a refresh of the key is still in Cube (the in-flight
@@ -73,6 +77,9 @@ class Claim:
     trailing_token: str | None = None
     previous_window_ends_at: int | None = None
     window_ms: int | None = None  # the window this claim opened (the key's effective window)
+    # A leading claim covers the key's pending mutations, so its write stops counting them as pending
+    # (removes pendingSince); given back (release) they count again, as old as they were.
+    previous_pending_since: int | None = None
     expected_jobs: int = 1  # the jobs its refresh is expected to queue (its last refresh's, else its target's)
     force: bool = False
 
@@ -194,6 +201,7 @@ class Debouncer:
             window_ms=self.windows.current(key, previous.window_ms if previous else None),
             expected_jobs=jobs,
             force=force,
+            previous_pending_since=previous.pending_since if previous and trailing_token is None else None,
         )
 
     def decide(self, key: RefreshKey, oldest_event_ms: int, *, force: bool = False) -> Claim | Debounced:
@@ -346,4 +354,5 @@ class Debouncer:
             claim_token=claim.token,
             previous_started_at=claim.previous_started_at,
             previous_window_ends_at=claim.previous_window_ends_at,
+            previous_pending_since=claim.previous_pending_since,
         )

@@ -142,7 +142,8 @@ class DebounceStore(Protocol):
         """Leading claim (trailing_token None): succeeds when the window is over (`startedAt <=
         now - window_ms` and `windowEndsAt <= now`) and no refresh of the key is in Cube
         (`inflightUntil` absent or past); `force` skips both. Sets startedAt=now, claimToken and
-        windowEndsAt = now + the key's windowMs (window_ms if it has none). Trailing claim:
+        windowEndsAt = now + the key's windowMs (window_ms if it has none); a leading claim also removes
+        pendingSince (it covers every pending mutation: the next mutation starts it afresh). Trailing claim:
         additionally requires trailingToken to be absent or equal, the message to be current (its
         `trailing_due_at` not older than `trailingDueAt`: a copy of a re-sent message is not), and the
         key to be stale (dirtyAt >= startedAt) or a previous trailing attempt to have died
@@ -156,8 +157,10 @@ class DebounceStore(Protocol):
         claim_token: str,
         previous_started_at: int | None,
         previous_window_ends_at: int | None = None,
+        previous_pending_since: int | None = None,
     ) -> bool:
-        """Undo a claim whose refresh failed: restore startedAt and windowEndsAt, drop claimToken.
+        """Undo a claim whose refresh failed: restore startedAt and windowEndsAt (and pendingSince,
+        which a leading claim removed, when `previous_pending_since` is given), drop claimToken.
         Only if claimToken still equals ours. A trailing refresh stays `running`, so later mutations
         schedule a fresh message instead of joining one that waits out its SQS visibility timeout."""
         ...
