@@ -482,3 +482,48 @@ def test_window_a_leading_claim_covers_what_was_pending_so_the_trailing_refresh_
     poll(rig)
     assert state(rig).window_ms == W
     assert rig.telemetry.timings["FreshnessLag"][-1] == leading_at + W - joined_at
+
+
+class _MutationAtRequeue:
+    """Runs `then` once, just before the store requeues a deferred trailing claim: a mutation that
+    arrives while the key's trailing refresh is claimed (`running`) and about to be deferred."""
+
+    def __init__(self, rig: Rig, then: object) -> None:
+        self.requeue, self.then = rig.store.requeue_trailing, then
+        rig.store.requeue_trailing = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: object, **kw: object) -> bool:
+        then, self.then = self.then, None
+        if callable(then):
+            then()
+        return self.requeue(*args, **kw)  # type: ignore[arg-type]
+
+
+def test_budget_a_mutation_replacing_a_trailing_refresh_being_deferred_keeps_the_keys_place_in_the_line():
+    rig = Rig(verify=True, window_ms=W, budget=1)
+    rig.jobs.default = "scheduled"
+    mutate(rig, "tenant-1")  # holds the budget
+    rig.clock.advance(1_000)
+    oldest = rig.clock.now
+    mutate(rig, "tenant-2")  # deferred: waiting since its mutation
+    rig.clock.advance(2_000)
+    mutate(rig, "tenant-3")  # deferred: a younger waiter
+    rig.clock.advance(W)
+    key = RefreshKey("tenant-2", "Users")
+    _MutationAtRequeue(rig, lambda: mutate(rig, "tenant-2"))  # replaces the claimed trailing refresh
+
+    ready = [m for m in rig.scheduler.messages if m.tenant_id == "tenant-2"]
+    rig.scheduler.messages = [m for m in rig.scheduler.messages if m.tenant_id != "tenant-2"]
+    outcome = rig.service.process_trailing([(RecordRef("sqs", 0), ready[0])], deadline_ms=rig.deadline)
+
+    assert [k.status for k in outcome.keys] == ["deferred"]
+    st = state(rig, key)
+    assert (st.waiting_since, st.pending_since) == (oldest, oldest), "its oldest mutation is still pending"
+    assert st.trailing_state == "scheduled" and st.claim_token is None, "the deferred claim was given back"
+    rig.jobs.default = "done"
+    rig.clock.advance(1_000)
+
+    poll(rig)  # tenant-1's build is done: its slot goes to the oldest waiter
+
+    assert (posts(rig, "tenant-2"), posts(rig, "tenant-3")) == (1, 0)
+    assert rig.cube.requests[-1][0] == "tenant-2"

@@ -411,3 +411,64 @@ def test_store_polls_record_their_sequence_and_a_new_refresh_starts_it_again(sto
     assert store.get(KEY).poll_seq == 3
     store.record_jobs(KEY, started_at=T0 + 1, tokens=["b"], inflight_until=T0 + 300)
     assert store.get(KEY).poll_seq is None
+
+
+def _claimed_and_replaced(store, *, new_oldest):
+    """A trailing claim (c2, refresh t1 with a mutation at T0) whose refresh a newer mutation replaced
+    (t2, its oldest `new_oldest`) before the claim was deferred."""
+    claim(store, T0)
+    store.schedule_trailing(
+        KEY, now=T0 + 1, oldest_event_ms=T0, trailing_token="t1", due_at=T0 + W, replaces=None, expires_at=1
+    )
+    assert claim(store, T0 + W, token="c2", trailing_token="t1").ok
+    assert store.schedule_trailing(
+        KEY,
+        now=T0 + W + 2,
+        oldest_event_ms=new_oldest,
+        trailing_token="t2",
+        due_at=T0 + 2 * W,
+        replaces="t1",
+        expires_at=1,
+        replaces_started_at=T0 + W,
+    ).ok
+    assert store.get(KEY).pending_since == new_oldest  # the replacement alone (the claim may still post)
+
+
+def _requeue(store, claim_token="c2"):
+    return store.requeue_trailing(
+        KEY,
+        claim_token=claim_token,
+        trailing_token="t1",
+        previous_started_at=T0,
+        previous_window_ends_at=T0 + W,
+        now=T0 + W + 3,
+        due_at=T0 + 3 * W,
+        waiting=Waiting(T0, T0 + 9 * W),
+    )
+
+
+def test_store_requeue_after_a_newer_mutation_replaced_the_claimed_refresh_keeps_it_as_old_as_the_claim(store):
+    _claimed_and_replaced(store, new_oldest=T0 + W + 2)
+    assert not _requeue(store, claim_token="other")
+    assert _requeue(store)
+    state = store.get(KEY)
+    assert (state.started_at, state.window_ends_at, state.claim_token) == (T0, T0 + W, None)
+    assert (state.trailing_token, state.trailing_state, state.trailing_due_at) == ("t2", "scheduled", T0 + 2 * W)
+    assert (state.pending_since, state.waiting_since, state.waiting_until) == (T0, T0, T0 + 9 * W)
+    assert [w.key for w in store.waiters("global", now=T0 + W + 3, limit=5)] == [KEY]
+    assert claim(store, T0 + W + 4, token="c3", trailing_token="t2", trailing_due_at=T0 + 2 * W).ok
+
+
+def test_store_requeue_after_a_replacement_keeps_its_pending_since_when_that_is_older(store):
+    _claimed_and_replaced(store, new_oldest=T0 - 5)  # a late event, older than the claim's
+    assert _requeue(store)
+    state = store.get(KEY)
+    assert (state.pending_since, state.waiting_since, state.claim_token) == (T0 - 5, T0 - 5, None)
+
+
+def test_store_requeue_after_a_replacement_is_refused_once_the_replacement_was_claimed(store):
+    _claimed_and_replaced(store, new_oldest=T0 + W + 2)
+    assert claim(store, T0 + 3 * W, token="c3", trailing_token="t2").ok  # e.g. the window passed
+    assert not _requeue(store)
+    state = store.get(KEY)
+    assert (state.claim_token, state.pending_since, state.trailing_state) == ("c3", T0 + W + 2, "running")

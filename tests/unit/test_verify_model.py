@@ -43,6 +43,10 @@ Checks per schedule:
     start lag that widens the adaptive window) is one that no earlier refresh of the key covered: no
     refresh of the key the verifier saw done started after it and before this one. (A crashed
     invocation's mutations come back and count as pending again, though a build may have read them.)
+(h) in schedules without crashes, a key registered as waiting for build budget waits since no later
+    than its oldest mutation that no POST of the key has covered yet: it keeps its place in the
+    oldest-first line. Schedules with `interleave` let a mutation of the key arrive while its trailing
+    refresh is claimed and being deferred (it replaces that refresh; invocations are otherwise serial).
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class Spec:
     slow_rate: float = 0.0  # share of builds that take 2-8 s instead of 50-500 ms
     burst_ms: int = 60_000  # mutations arrive within this span
     collide_rate: float = 0.0  # share of builds that race another writer's build of their table
+    interleave: float = 0.0  # share of trailing deferrals a mutation of the key arrives during (h)
 
 
 @dataclass
@@ -162,6 +167,14 @@ class World:
     # (g): each refresh's first verify message (key, start, oldest it reports); the starts seen done
     reported: dict[tuple[RefreshKey, int], int] = field(default_factory=dict)
     done_starts: dict[RefreshKey, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # (h): each key's accepted mutations (order received, event time), the order of its last POST (or
+    # of the drop of a trailing refresh found covered)
+    order: itertools.count = field(default_factory=itertools.count)
+    mutations: dict[RefreshKey, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    last_post: dict[RefreshKey, int] = field(default_factory=dict)
+    waited_late: list[str] = field(default_factory=list)
+    replaced_while_deferred: int = 0
+    mutate: Any = None  # receive one mutation of a key now (set by simulate)
 
     def now_ms(self) -> int:
         return self.now
@@ -224,6 +237,7 @@ class World:
         for selector in selectors:
             tokens = []
             for key in selector.keys:
+                self.last_post[key] = next(self.order)
                 if key in self.causes:
                     self.post_cause[(key, self.now)] = self.causes[key]
                 token = f"j{next(self.token_seq)}"
@@ -323,7 +337,42 @@ class SimStore(InMemoryDebounceStore):
 
     def requeue_trailing(self, key: RefreshKey, **kw: Any) -> bool:
         self.world.maybe_crash("before requeue")
-        return super().requeue_trailing(key, **kw)
+        if self.world.spec.interleave and self.world.rng.random() < self.world.spec.interleave:
+            self.world.mutate(key)  # arrives meanwhile: it replaces the claimed trailing refresh
+            state = self.items.get(key)
+            self.world.replaced_while_deferred += state is not None and state.trailing_token != kw["trailing_token"]
+        ok = super().requeue_trailing(key, **kw)
+        self._check_waiting(key, ok)
+        return ok
+
+    def drop_trailing(self, key: RefreshKey, **kw: Any) -> bool:
+        ok = super().drop_trailing(key, **kw)
+        if ok:  # covered: by a refresh since its mutations or the key's queued build (a rider), as (a) checks
+            self.world.last_post[key] = next(self.world.order)
+        return ok
+
+    def join_trailing(self, key: RefreshKey, **kw: Any) -> Any:
+        result = super().join_trailing(key, **kw)
+        self._check_waiting(key, result.ok and kw.get("waiting") is not None)
+        return result
+
+    def schedule_trailing(self, key: RefreshKey, **kw: Any) -> Any:
+        result = super().schedule_trailing(key, **kw)
+        self._check_waiting(key, result.ok and kw.get("waiting") is not None)
+        return result
+
+    def _check_waiting(self, key: RefreshKey, registered: bool) -> None:
+        """(h): the key just registered as waiting: since no later than its oldest mutation that no POST
+        (or covered trailing refresh) came after."""
+        state = self.items.get(key)
+        if not registered or state is None or state.waiting_since is None or self.world.spec.crash_rate:
+            return
+        posted = self.world.last_post.get(key, -1)
+        uncovered = [t for order, t in self.world.mutations[key] if order > posted]
+        if uncovered and state.waiting_since > min(uncovered):
+            self.world.waited_late.append(
+                f"{key.pk} waits since {state.waiting_since}, its mutation of {min(uncovered)} is still pending"
+            )
 
 
 class SimQueue:
@@ -412,6 +461,29 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
     for at in spec.restarts:
         world.push(at, "restart", None)
 
+    extra = itertools.count(spec.mutations)
+
+    def mutate(key: RefreshKey) -> None:
+        i, entity = next(extra), {"Users": "User", "Groups": "Group"}[key.target]
+        order = next(world.order)
+        mutation = EntityMutation.model_validate(
+            {
+                "eventType": "U",
+                "entityType": entity,
+                "entityId": f"e{i}",
+                "tenantId": key.tenant_id,
+                "timestamp": world.now,
+            }
+        )
+        outcome = service.process_mutations([(RecordRef("msk", i), mutation)], deadline_ms=world.now + 60_000)
+        assert not outcome.failed
+        state = service.debouncer.store.get(key)
+        if state is not None and state.trailing_token is not None:  # its own trailing refresh (d)
+            world.trailing_cause.pop(state.trailing_token, None)
+        accepted.append((key, world.now))
+        world.mutations[key].append((order, world.now))
+
+    world.mutate = mutate
     handled = 0
     while world.events and handled < max_events:
         at, _, kind, payload = heapq.heappop(world.events)
@@ -427,7 +499,7 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
                 mutation = EntityMutation.model_validate(
                     {"eventType": "U", "entityType": entity, "entityId": f"e{i}", "tenantId": tenant, "timestamp": t}
                 )
-                received = world.now
+                received, order = world.now, next(world.order)
                 outcome = service.process_mutations([(RecordRef("msk", i), mutation)], deadline_ms=deadline)
                 state = service.debouncer.store.get(RefreshKey(tenant, ROUTES.targets_for(entity)[0]))
                 if state is not None and state.trailing_token is not None:  # the mutation joined it: the
@@ -436,6 +508,7 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
                     world.push(world.now + REDELIVERY_MS, kind, payload)
                 else:
                     accepted.append((RefreshKey(tenant, ROUTES.targets_for(entity)[0]), received))
+                    world.mutations[RefreshKey(tenant, ROUTES.targets_for(entity)[0])].append((order, t))
             else:
                 ref = RecordRef("sqs", 0)
                 world.causes, world.verifying = _causes(world, payload), {}
@@ -477,6 +550,7 @@ def simulate(spec: Spec, max_events: int = 40_000) -> Verdict:
             )
     violations += [f"(e) {v}" for v in world.over_budget]
     violations += [f"(f) {v}" for v in world.duplicate_builds]
+    violations += [f"(h) {v}" for v in world.waited_late]
     if spec.crash_rate == 0:
         for (key, start), oldest in world.reported.items():
             covered_by = [s for s in world.done_starts[key] if oldest < s < start]
@@ -599,6 +673,11 @@ RIDERS = [Spec(seed, 6, {}, (), 0.0, 0.0, 0.0, concurrency=3, slow_rate=1.0, bur
 BUSY = [Spec(seed, 40, {}, (), 0.0, 0.0, 0.0, concurrency=2, burst_ms=60_000) for seed in range(1, 21)]
 
 
+# Over budget, with a mutation of the key arriving during half the deferrals of a claimed trailing
+# refresh (it replaces that refresh): where a key can lose its place in the oldest-first line.
+INTERLEAVED = [replace(spec, interleave=0.5, budget=1) for spec in SATURATED]
+
+
 def _violations(specs_: Sequence[Spec]) -> list[str]:
     return [v for spec in specs_ for v in simulate(spec).violations]
 
@@ -615,6 +694,27 @@ def test_verify_model_saturated_schedules_hold_and_exercise_riding_along_and_wai
     assert all(v.drained and not v.violations for v in verdicts), [v.violations[:3] for v in verdicts]
     assert sum(v.telemetry.counts.get("RideAlongs", 0) for v in verdicts) > 0
     assert sum(v.telemetry.counts.get("KeysDeferred", 0) for v in verdicts) > 0
+
+
+def test_verify_model_a_mutation_during_a_deferral_keeps_the_key_waiting_since_its_oldest_mutation():
+    verdicts = [simulate(spec) for spec in INTERLEAVED]
+    assert all(v.drained and not v.violations for v in verdicts), [v.violations[:3] for v in verdicts]
+    assert sum(v.world.replaced_while_deferred for v in verdicts) > 0, "the race was exercised"
+
+
+def test_verify_model_checker_catches_a_deferral_that_forgets_the_replaced_refreshs_mutations(monkeypatch) -> None:
+    """The code before: a deferral whose trailing refresh a newer mutation replaced is refused, and the
+    replacement counts only that mutation as pending: the key waits since it, behind younger keys."""
+    real_requeue = InMemoryDebounceStore.requeue_trailing
+
+    def refused_when_replaced(self: InMemoryDebounceStore, key: RefreshKey, **kw: Any) -> bool:
+        state = self.items.get(key)
+        if state is not None and state.trailing_token != kw["trailing_token"]:
+            return False
+        return real_requeue(self, key, **kw)
+
+    monkeypatch.setattr(InMemoryDebounceStore, "requeue_trailing", refused_when_replaced)
+    assert _caught(INTERLEAVED, "(h)", "a deferral that forgets the replaced refresh's mutations") > 0
 
 
 def test_verify_model_checker_catches_a_verifier_that_ignores_failures() -> None:

@@ -241,6 +241,52 @@ class DynamoDBDebounceStore:
         self._restore(sets, removes, values, previous_started_at, previous_window_ends_at)
         self._waiting(sets, values, waiting, since="if_not_exists(pendingSince, :now)")
         condition = "claimToken = :claim AND trailingToken = :tt"
+        result = self._update(key, self._expression(sets, removes), condition, values)
+        st = result.state
+        if result.ok or st is None or st.claim_token != claim_token or st.trailing_token in (None, trailing_token):
+            return result.ok
+        if st.trailing_state != "scheduled":
+            return False
+        return self._requeue_replaced(
+            key,
+            st,
+            claim_token=claim_token,
+            previous_started_at=previous_started_at,
+            previous_window_ends_at=previous_window_ends_at,
+            waiting=waiting,
+        )
+
+    def _requeue_replaced(
+        self,
+        key: RefreshKey,
+        st: KeyState,
+        *,
+        claim_token: str,
+        previous_started_at: int | None,
+        previous_window_ends_at: int | None,
+        waiting: Waiting,
+    ) -> bool:
+        """The deferred claim's trailing refresh was replaced by a newer mutation's (as `st` read):
+        give the claim back, keep the replacement, and lower its pendingSince to the oldest of its own
+        and the claim's (`waiting.since`): the claim posted nothing. The condition pins what the min
+        was computed from (a scheduled refresh's pendingSince does not change: joins keep it)."""
+        since = min(st.pending_since, waiting.since) if st.pending_since is not None else waiting.since
+        values: dict[str, Any] = {
+            ":claim": _s(claim_token),
+            ":tt": _s(st.trailing_token or ""),
+            ":scheduled": _s("scheduled"),
+            ":since": _n(since),
+        }
+        sets = ["pendingSince = :since"]
+        removes = ["claimToken"]
+        self._restore(sets, removes, values, previous_started_at, previous_window_ends_at)
+        self._waiting(sets, values, waiting, since=":since")
+        condition = "claimToken = :claim AND trailingToken = :tt AND trailingState = :scheduled AND "
+        if st.pending_since is None:
+            condition += "attribute_not_exists(pendingSince)"
+        else:
+            condition += "pendingSince = :read"
+            values[":read"] = _n(st.pending_since)
         return self._update(key, self._expression(sets, removes), condition, values).ok
 
     def join_trailing(

@@ -123,8 +123,21 @@ class InMemoryDebounceStore:
         with self._lock:
             self.writes += 1
             st = self.items.get(key)
-            if st is None or st.claim_token != claim_token or st.trailing_token != trailing_token:
+            if st is None or st.claim_token != claim_token or st.trailing_state is None:
                 return False
+            if st.trailing_token != trailing_token:  # replaced by a newer mutation's (scheduled) refresh
+                if st.trailing_state != "scheduled":
+                    return False
+                pending = min(st.pending_since, waiting.since) if st.pending_since is not None else waiting.since
+                st = replace(
+                    st,
+                    started_at=previous_started_at,
+                    window_ends_at=previous_window_ends_at,
+                    claim_token=None,
+                    pending_since=pending,
+                )
+                self.items[key] = _waiting(st, waiting, pending)
+                return True
             pending = st.pending_since if st.pending_since is not None else now
             st = replace(
                 st,

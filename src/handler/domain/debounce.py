@@ -287,6 +287,8 @@ class Debouncer:
                 due_at=due_at,
                 waiting=waiting,
             )
+            # A newer mutation may have replaced the claimed refresh meanwhile: the store then keeps the
+            # replacement, as old as the claim's mutations (they are still pending: it posted nothing).
             # Refused only if the key moved on (a forced claim took it): the re-sent message then finds
             # another token or a fresh claim, as any superseded trailing message does.
             return Debounced(key, scheduled=True, due_at=due_at)

@@ -179,7 +179,11 @@ class DebounceStore(Protocol):
     ) -> bool:
         """A trailing claim found no build budget: give the claim back (as `release`) and put the
         trailing refresh back to `scheduled`, due at `due_at` (its message is re-sent first), the key
-        marked dirty now and registered as waiting. Only if claimToken and trailingToken are ours."""
+        marked dirty now and registered as waiting. Only if claimToken and trailingToken are ours; or,
+        the claim still ours, when a newer mutation replaced the claimed refresh (`schedule_trailing`
+        with `replaces`): then give the claim back and keep the replacement (its token and due time),
+        its pendingSince lowered to `waiting.since` (the claim's oldest: it posted nothing, so those
+        mutations are still pending) and the key registered as waiting since the lower of the two."""
         ...
 
     def join_trailing(
