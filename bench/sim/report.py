@@ -313,8 +313,8 @@ def limits_table(sc: Scenario, r_counts: dict[str, float], design: A.Design) -> 
             f"Cube's build queue ({sc.cube_concurrency} slots, {sc.build_s:g} s a partition)",
             f"peak-hour utilisation {design.peak_utilisation:.2f}; longest wait of the day {secs(design.max_wait_s)}",
             "see [where it breaks](#where-it-breaks): computed from runs at every size, not extrapolated",
-            "the backlog carries on: builds, so freshness, are late by it; verification polls it and, past "
-            "`CUBE_PREAGG_BUILD_TIMEOUT_MS`, re-triggers into it (issue 16)",
+            "the backlog carries on: builds, so freshness, are late by it; verification polls it, at most once a "
+            "minute, and a build still queued is alive up to 65 min (Cube drops a job after an hour)",
         ),
     ]
     out = ["| limit | this scenario, peak hour | reached when | what the design does then |", "|---|---|---|---|"]
