@@ -685,7 +685,8 @@ class Bench:
         env.update({k: v for k, v in self.env.as_environ().items() if k not in {"CUBE_API_SECRET", "PG_DSN"}})
         env.update(
             {
-                "PYTHONPATH": str(code),
+                # the code under test first; the harness's repository after it (devstack.esm's SQS event)
+                "PYTHONPATH": os.pathsep.join([str(code), str(ROOT)]),
                 "CUBE_API_URL": proxy_url,
                 "DEBOUNCE_TABLE_NAME": TABLE_NAME,
                 "REFRESH_QUEUE_URL": queue,

@@ -1,8 +1,9 @@
 """The function's side of bench/bench_overload.py: runs `handler.app.handle` of the code under test.
 
 Started by bench_overload.py as a child process, once per behaviour, with `PYTHONPATH` pointing at that
-behaviour's `src/` (this checkout's, or a `git archive` of another commit) and the behaviour's settings
-in its environment. It plays the two event source mappings the deployed function has:
+behaviour's `src/` (this checkout's, or a `git archive` of another commit), then this repository (for
+devstack's SQS event shape), and the behaviour's settings in its environment. It plays the two event
+source mappings the deployed function has:
 - MSK: each line on stdin (`{"batch": [...], "offset": n}`) is one tick's mutations, already committed
   in PostgreSQL by the parent; it goes as one MSK-shaped event through `handle` (serially, like one
   partition's poller);
@@ -38,6 +39,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from devstack.esm import sqs_event
+
 TOPIC = "core.entities.lifecycle.mutated"
 
 
@@ -68,26 +71,6 @@ def msk_event(values: list[dict[str, Any]], offset: int, timestamp_ms: int) -> d
     }
 
 
-def sqs_event(messages: list[dict[str, Any]], queue_url: str, region: str) -> dict[str, Any]:
-    name = queue_url.rsplit("/", 1)[-1]
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": m.get("MD5OfBody", ""),
-                "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:{region}:123456789012:{name}",
-                "awsRegion": region,
-            }
-            for m in messages
-        ]
-    }
-
-
 class Driver:
     def __init__(self, pumps: int, sqs_batch: int, faults: list[str], outcomes: Path | None = None) -> None:
         import boto3  # noqa: PLC0415
@@ -109,6 +92,7 @@ class Driver:
         self.sqs = boto3.client("sqs")
         self.queue_url = self.settings.refresh_queue_url
         self.region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        self.queue_arn = f"arn:aws:sqs:{self.region}:123456789012:{self.queue_url.rsplit('/', 1)[-1]}"
         self.stop = threading.Event()
         self.delivered: Counter[str] = Counter()
         self.late_ms: list[int] = []  # delivery time minus the message's due time
@@ -217,7 +201,7 @@ class Driver:
                         with self.lock:
                             self.late_ms.append(now - due)
                 response = self.handle(
-                    sqs_event(messages, self.queue_url, self.region), None, service=service, settings=self.settings
+                    sqs_event(messages, self.queue_arn, self.region), None, service=service, settings=self.settings
                 )
                 failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
                 for message in messages:

@@ -109,23 +109,11 @@ def delete_messages(env: StackEnv, messages: Iterable[Mapping[str, Any]]) -> Non
 
 def as_sqs_event(messages: Iterable[Mapping[str, Any]], env: StackEnv) -> dict[str, Any]:
     """SQS messages as the Lambda event source mapping delivers them."""
+    from devstack.esm import sqs_event  # noqa: PLC0415
+
     queue_name = env.refresh_queue_url.rsplit("/", 1)[-1]
-    return {
-        "Records": [
-            {
-                "messageId": message["MessageId"],
-                "receiptHandle": message["ReceiptHandle"],
-                "body": message["Body"],
-                "attributes": message.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": message.get("MD5OfBody", ""),
-                "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:{env.aws_default_region}:123456789012:{queue_name}",
-                "awsRegion": env.aws_default_region,
-            }
-            for message in messages
-        ]
-    }
+    arn = f"arn:aws:sqs:{env.aws_default_region}:123456789012:{queue_name}"
+    return sqs_event(messages, arn, env.aws_default_region)
 
 
 def deliver_queue_messages(
